@@ -1,0 +1,42 @@
+"""The one exception family of milkit.
+
+Every message says what went wrong, which file, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class MilkitError(Exception):
+    """Base class of every error milkit raises on purpose."""
+
+
+class SlideOpenError(MilkitError):
+    """A slide file cannot be opened (missing, empty, truncated, not a slide)."""
+
+
+class MissingMppError(MilkitError):
+    """A slide carries no microns-per-pixel metadata and none was given."""
+
+
+class SlideReadError(MilkitError):
+    """A region of an opened slide cannot be read (corrupt tile, I/O error)."""
+
+
+class TilingError(MilkitError):
+    """A tile grid cannot be planned (resolution unreachable, bad tile size)."""
+
+
+class FeatureFileError(MilkitError):
+    """A feature or coordinate file is missing, unfinished, stale or malformed."""
+
+
+class EncoderError(MilkitError):
+    """An encoder cannot be built (unknown id, gated weights, wrong checkpoint)."""
+
+
+class LabelsError(MilkitError):
+    """A labels CSV has problems; the message lists every bad row."""
+
+
+class ConfigError(MilkitError):
+    """A configuration value is invalid."""
