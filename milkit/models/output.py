@@ -18,7 +18,8 @@ class MILOutput:
             to 1 over the real tiles of each bag (per head).
         tile_scores: ``(B, N)`` or ``(B, N, C)`` per-tile scores where the method has them
             (instance logits, tile regression scores), else None.
-        embedding: ``(B, E)`` bag embedding before the head, where the method has one.
+        embedding: ``(B, E)`` (or ``(B, H, E)`` for one attention branch per class) bag embedding
+            before the head, where the method has one.
     """
 
     attention: torch.Tensor
