@@ -302,7 +302,16 @@ class OpenSlideReader(SlideReader):
     def _read(
         self, location_level0: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
-        rgba = self._slide.read_region(location_level0, level, size)
+        import openslide
+
+        try:
+            rgba = self._slide.read_region(location_level0, level, size)
+        except openslide.OpenSlideError:
+            # OpenSlide handles stay in an error state after a failed read: reopen, so one
+            # corrupt tile does not make every later tile of the slide unreadable.
+            self._slide.close()
+            self._slide = openslide.OpenSlide(str(self.path))
+            raise
         return _composite_on_white(np.asarray(rgba))
 
     def close(self) -> None:
