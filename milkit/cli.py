@@ -1,0 +1,307 @@
+"""The ``milkit`` command: one console script, one subcommand per stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from milkit import __version__
+from milkit.errors import MilkitError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_synth(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "synth",
+        help="write a synthetic cohort of H&E-like slides with ground truth",
+        description="Write pyramidal TIFF slides that OpenSlide opens, labels.csv and ground-truth "
+        "maps (tumour, stroma, lymphocyte density) for tests, demos and benchmarks.",
+    )
+    parser.add_argument("out", type=Path, help="output folder (slides/, truth/, labels.csv)")
+    parser.add_argument("--n-slides", type=int, default=8, help="number of slides (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--mpp", type=float, default=0.5, help="scan resolution, µm/px (default 0.5)"
+    )
+    parser.add_argument(
+        "--size-px", type=int, nargs=2, metavar=("W", "H"), default=(6000, 6000),
+        help="level-0 size in pixels (default 6000 6000)",
+    )  # fmt: skip
+    parser.add_argument("--no-artefacts", action="store_true", help="no pen marks or dust")
+    parser.set_defaults(handler=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from milkit.synth import make_cohort
+
+    with tqdm(total=args.n_slides, desc="synth", unit="slide") as bar:
+        labels = make_cohort(
+            args.out,
+            n_slides=args.n_slides,
+            seed=args.seed,
+            mpp=args.mpp,
+            size_px=tuple(args.size_px),
+            artefacts=not args.no_artefacts,
+            progress=bar.update,
+        )
+    print(f"milkit synth: {args.n_slides} slide(s) in {args.out / 'slides'}, labels in {labels}")
+    return 0
+
+
+def _add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``tile`` and ``preprocess``: what to tile and how to run the batch."""
+    parser.add_argument("slides_dir", type=Path, help="folder of slides (searched recursively)")
+    parser.add_argument("out_dir", type=Path, help="output folder")
+    parser.add_argument(
+        "--mpp", type=float, default=0.5, help="resolution to tile at, µm/px (default 0.5 = 20x)"
+    )
+    parser.add_argument(
+        "--tile-size", type=int, default=224, help="tile side in pixels at --mpp (default 224)"
+    )
+    parser.add_argument(
+        "--overlap", type=int, default=0, help="overlap of neighbouring tiles, px at --mpp"
+    )
+    parser.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.25,
+        help="keep tiles with at least this tissue fraction",
+    )
+    parser.add_argument(
+        "--mpp-tolerance",
+        type=float,
+        default=0.05,
+        help="relative mpp mismatch read without resampling (default 0.05)",
+    )
+    parser.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        help="scan resolution for slides whose files record none",
+    )
+    parser.add_argument(
+        "--mpp-csv",
+        type=Path,
+        default=None,
+        help="CSV slide_id,mpp with per-slide scan resolutions",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="process only shard I of N (0-based), for cluster arrays",
+    )
+    parser.add_argument("--no-recursive", action="store_true", help="do not search sub-folders")
+    # fmt: skip
+
+
+def _add_tile(subparsers: argparse._SubParsersAction) -> None:
+    from milkit.slides.tile_stage import default_workers
+
+    parser = subparsers.add_parser(
+        "tile",
+        help="detect tissue and write tile coordinates for a folder of slides",
+        description="Tissue detection and tiling at a physical resolution. Writes OUT/coords/"
+        "<slide>.h5, OUT/masks/, OUT/thumbnails/, OUT/errors.csv; finished slides are skipped.",
+    )
+    _add_tiling_arguments(parser)
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="slides tiled in parallel"
+    )
+    parser.set_defaults(handler=_run_tile)
+
+
+def _run_tile(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from milkit.batch import find_slides, parse_shard, take_shard
+    from milkit.slides.tile_stage import TilingOptions, read_mpp_csv, run_tiling
+
+    options = TilingOptions(
+        target_mpp=args.mpp,
+        tile_size_px=args.tile_size,
+        overlap_px=args.overlap,
+        min_tissue=args.min_tissue,
+        mpp_tolerance=args.mpp_tolerance,
+        slide_mpp=args.slide_mpp,
+    )
+    shard = parse_shard(args.shard)
+    slides = take_shard(find_slides(args.slides_dir, recursive=not args.no_recursive), *shard)
+    mpp_by_slide = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
+    with tqdm(total=len(slides), desc="tile", unit="slide") as bar:
+        summary, errors_path = run_tiling(
+            slides, args.out_dir, options, mpp_by_slide=mpp_by_slide, workers=args.workers,
+            shard=shard, progress=bar.update,
+        )  # fmt: skip
+    print(summary.format(errors_path=errors_path))
+    return 1 if summary.failed else 0
+
+
+def _add_preprocess(subparsers: argparse._SubParsersAction) -> None:
+    from milkit.slides.tile_stage import default_workers
+
+    parser = subparsers.add_parser(
+        "preprocess",
+        help="tile a folder of slides and extract tile features to HDF5",
+        description="Tiling (reusing finished coordinate files) and feature extraction. Writes "
+        "OUT/features/<slide>.h5 (design.md §4); resumable; finished files whose encoder, "
+        "weights, tile spec and dtype match are skipped, anything else is recomputed.",
+    )
+    _add_tiling_arguments(parser)
+    parser.add_argument(
+        "--encoder",
+        default="vit_small_patch16_224",
+        help="timm name, hf-hub:ORG/NAME, local-dir:PATH or a preset (see --list-encoders)",
+    )
+    parser.add_argument(
+        "--encoder-weights",
+        type=Path,
+        default=None,
+        help="local checkpoint (.safetensors or torch weights) for the encoder",
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="randomly initialised encoder (tests and demos; recorded in the files)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
+    parser.add_argument(
+        "--num-workers", type=int, default=1, help="DataLoader workers reading tiles"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="autocast precision (auto: bf16 where the device supports it)",
+    )
+    parser.add_argument(
+        "--dtype", choices=("float16", "float32"), default="float16", help="stored feature dtype"
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="processes/GPUs through Lightning; each slide is written by one of them",
+    )
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes for multi-node extraction")
+    parser.add_argument(
+        "--tiling-workers", type=int, default=default_workers(), help="slides tiled in parallel"
+    )
+    parser.set_defaults(handler=_run_preprocess)  # fmt: skip
+
+
+def _run_preprocess(args: argparse.Namespace) -> int:
+    import torch
+
+    from milkit.batch import find_slides, parse_shard, take_shard
+    from milkit.features.encoders import load_encoder
+    from milkit.features.extract import ExtractionOptions
+    from milkit.features.preprocess_stage import run_preprocess
+    from milkit.slides.tile_stage import TilingOptions, read_mpp_csv
+
+    tiling = TilingOptions(
+        target_mpp=args.mpp,
+        tile_size_px=args.tile_size,
+        overlap_px=args.overlap,
+        min_tissue=args.min_tissue,
+        mpp_tolerance=args.mpp_tolerance,
+        slide_mpp=args.slide_mpp,
+    )
+    extraction = ExtractionOptions(
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        precision=args.precision,
+        dtype=args.dtype,
+    )
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = load_encoder(
+        args.encoder, pretrained=not args.random_weights, weights_path=args.encoder_weights
+    )
+    shard = parse_shard(args.shard)
+    slides = take_shard(find_slides(args.slides_dir, recursive=not args.no_recursive), *shard)
+    tile_summary, feature_summary, errors_path = run_preprocess(
+        slides, args.out_dir, encoder, tiling=tiling, extraction=extraction,
+        mpp_by_slide=read_mpp_csv(args.mpp_csv) if args.mpp_csv else None, device=device,
+        tiling_workers=args.tiling_workers, shard=shard, devices=args.devices, num_nodes=args.num_nodes,
+    )  # fmt: skip
+    print(tile_summary.format(errors_path=errors_path))
+    print(feature_summary.format(errors_path=errors_path))
+    return 1 if tile_summary.failed or feature_summary.failed else 0
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the whole flow on built-in synthetic slides (offline)",
+        description="synth -> tile -> features -> MIL heads -> heatmaps on a synthetic cohort, "
+        "ending with a table of results. Rerunning reuses finished stages.",
+    )
+    parser.add_argument(
+        "out",
+        type=Path,
+        nargs="?",
+        default=Path("milkit-demo"),
+        help="output folder (default ./milkit-demo)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller cohort and encoder (about 3 minutes on 2 cores)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.set_defaults(handler=_run_demo)  # fmt: skip
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from milkit.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
+_COMMANDS = (_add_synth, _add_tile, _add_preprocess, _add_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every non-Lightning subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="milkit",
+        description="Weakly supervised computational pathology: slides -> tiles -> features -> "
+        "MIL heads -> heatmaps.",
+    )
+    parser.add_argument("--version", action="version", version=f"milkit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``milkit`` command.
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success, 1 when a slide or step failed, 2 on bad usage.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except MilkitError as exc:
+        print(f"milkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
