@@ -6,6 +6,8 @@ Every model takes ``features (B, N, D)`` and ``mask (B, N)`` (True = real tile) 
 
 from milkit.models.abmil import ABMIL
 from milkit.models.dsmil import DSMIL, critical_instance_logits, critical_instances
+from milkit.models.gdat import GDATMIL
+from milkit.models.lora import LoRALinear, apply_lora
 from milkit.models.output import MILOutput
 from milkit.models.pooling import (
     AttentionPooling,
@@ -21,6 +23,9 @@ from milkit.models.regression import TileScoreRegressor
 __all__ = [
     "ABMIL",
     "DSMIL",
+    "GDATMIL",
+    "LoRALinear",
+    "apply_lora",
     "AttentionPooling",
     "BagBatchError",
     "GatedAttentionPooling",
