@@ -267,7 +267,15 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = (_add_synth, _add_tile, _add_preprocess, _add_demo)
+def _add_heatmap(subparsers: argparse._SubParsersAction) -> None:
+    from milkit.heatmaps import command
+
+    parser = subparsers.add_parser("heatmap", help=command.HELP, description=command.DESCRIPTION)
+    command.add_arguments(parser)
+    parser.set_defaults(handler=command.run)
+
+
+_COMMANDS = (_add_synth, _add_tile, _add_preprocess, _add_heatmap, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

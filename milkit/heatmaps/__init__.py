@@ -1,1 +1,78 @@
-"""milkit.heatmaps."""
+"""Heatmaps from cached prediction files, tile galleries and QuPath GeoJSON.
+
+Typical use (what ``milkit heatmap RUN_DIR`` does for every slide)::
+
+    from milkit.heatmaps import read_predictions, render_heatmap, whole_slide_canvas
+    from milkit.slides.reader import open_slide
+
+    predictions = read_predictions("run/predictions/slide.h5")
+    with open_slide(predictions.slide_path) as reader:
+        canvas = whole_slide_canvas(reader, max_size_px=2048)
+    heatmap = render_heatmap(canvas, predictions, "score:tumour")
+    heatmap.figure()  # slide | heatmap with a colour bar in the value's units
+
+Nothing here re-extracts features: every value comes from the prediction file.
+"""
+
+from milkit.heatmaps.batch import (
+    HeatmapOptions,
+    find_runs,
+    index_slides,
+    locate_slide,
+    prediction_files,
+    render_run,
+    render_slide,
+)
+from milkit.heatmaps.colour import ColourScale, normalize_values
+from milkit.heatmaps.figures import heatmap_figure, save_figure, save_image, tile_gallery_figure
+from milkit.heatmaps.geojson import (
+    read_geojson,
+    tile_features,
+    tissue_features,
+    write_geojson,
+)
+from milkit.heatmaps.predictions import Predictions, TileValues, read_predictions
+from milkit.heatmaps.raster import TileRaster, Viewport, rasterize_tiles
+from milkit.heatmaps.render import (
+    Heatmap,
+    SlideCanvas,
+    region_canvas,
+    render_heatmap,
+    whole_slide_canvas,
+)
+from milkit.heatmaps.tiles import TileGallery, region_around, tile_gallery, top_bottom_indices
+
+__all__ = [
+    "ColourScale",
+    "Heatmap",
+    "HeatmapOptions",
+    "Predictions",
+    "SlideCanvas",
+    "TileGallery",
+    "TileRaster",
+    "TileValues",
+    "Viewport",
+    "find_runs",
+    "heatmap_figure",
+    "index_slides",
+    "locate_slide",
+    "normalize_values",
+    "prediction_files",
+    "rasterize_tiles",
+    "read_geojson",
+    "read_predictions",
+    "region_around",
+    "region_canvas",
+    "render_heatmap",
+    "render_run",
+    "render_slide",
+    "save_figure",
+    "save_image",
+    "tile_features",
+    "tile_gallery",
+    "tile_gallery_figure",
+    "tissue_features",
+    "top_bottom_indices",
+    "whole_slide_canvas",
+    "write_geojson",
+]
