@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
@@ -52,6 +53,12 @@ class FeatureExtractionModule(L.LightningModule):
         self.encoder = encoder
         self.encoder_model = encoder.model  # registered so Lightning moves it to the device
         self.options = options
+
+    def transfer_batch_to_device(
+        self, batch: SlideJob, device: torch.device, dataloader_idx: int
+    ) -> SlideJob:
+        """A job is a description, not tensors: nothing to move (tiles go to the device later)."""
+        return batch
 
     def predict_step(self, job: SlideJob, batch_idx: int) -> dict[str, Any]:
         """Extract one slide and report its outcome (failures are reported, not raised)."""

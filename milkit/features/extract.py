@@ -103,7 +103,11 @@ class TileDataset(Dataset[dict[str, Any]]):
         size = self.spec.tile_size_px
         try:
             tile = read_tile(self._open(), self.spec, (x, y))
-            return {"index": index, "tile": torch.from_numpy(tile), "error": ""}
+            return {
+                "index": index,
+                "tile": torch.from_numpy(np.ascontiguousarray(tile)),
+                "error": "",
+            }
         except SlideReadError as exc:
             return {
                 "index": index,
