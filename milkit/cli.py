@@ -31,6 +31,9 @@ def _add_synth(subparsers: argparse._SubParsersAction) -> None:
         help="level-0 size in pixels (default 6000 6000)",
     )  # fmt: skip
     parser.add_argument("--no-artefacts", action="store_true", help="no pen marks or dust")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="slides rendered in parallel processes"
+    )
     parser.set_defaults(handler=_run_synth)
 
 
@@ -47,6 +50,7 @@ def _run_synth(args: argparse.Namespace) -> int:
             mpp=args.mpp,
             size_px=tuple(args.size_px),
             artefacts=not args.no_artefacts,
+            workers=args.workers,
             progress=bar.update,
         )
     print(f"milkit synth: {args.n_slides} slide(s) in {args.out / 'slides'}, labels in {labels}")

@@ -7,23 +7,33 @@ depend on the pyramid level it was computed from.
 
 The rule, in order:
 
-1. Smooth the thumbnail (Gaussian, ``smoothing_sigma_px``) and white-balance it by the glass
-   colour (per-channel 99th percentile), so a grey or tinted background scores as white.
+1. White-balance the thumbnail by the glass colour (per-channel 99th percentile of a copy
+   smoothed with ``smoothing_sigma_px``), so a grey or tinted background scores as white.
 2. Score each pixel ``chroma + darkness_weight * darkness`` with ``chroma = max(R,G,B) -
-   min(R,G,B)`` and ``darkness = 1 - max(R,G,B)`` (all in [0, 1]). Chroma finds stained tissue;
-   darkness adds pale tissue that is only a little darker than glass.
-3. Exclude artefacts: near-black pixels (``max(R,G,B) < black_value``: scanner borders, black
-   pen, dense folds), dark colourless ones (``max(R,G,B) < grey_value`` and HSV saturation
-   ``< grey_max_saturation``: faded marker, dirt) and blue/green pen ink (hue in
-   ``pen_hue_range_deg`` with saturation ``>= pen_min_saturation``, grown over its paler rims
-   down to ``pen_edge_saturation``), all widened by ``artefact_margin_px`` to swallow the
-   anti-aliased rims. Pale, translucent ink below ``pen_min_saturation`` counts as tissue.
-4. Threshold with Otsu over the remaining pixels, clipped to ``[min_threshold, max_threshold]``:
-   the floor keeps a blank slide empty (Otsu on glass alone splits noise); the ceiling keeps pale
-   tissue when dark tissue on the same slide would pull Otsu above it.
-5. Open away lines up to ``2 * opening_radius_px`` wide, close gaps (``closing_radius_um``), fill
-   holes up to ``max_hole_area_um2`` (so tissue under a pen mark inside it comes back; a stroke
-   that runs off the tissue onto glass leaves a gap), and drop pieces smaller than
+   min(R,G,B)`` and ``darkness = 1 - max(R,G,B)`` (all in [0, 1]): chroma finds stained tissue,
+   darkness adds pale tissue. The smoothed score (robust to noise) decides where tissue is; the
+   sharp score, of the pixels as they are, places outlines.
+3. Exclude artefacts, found on the sharp pixels: near-black ones (``max(R,G,B) <
+   black_value``: borders, black pen, folds), dark colourless ones (``max(R,G,B) < grey_value``,
+   HSV saturation ``< grey_max_saturation``: faded marker, dirt) and blue/green ink (hue in
+   ``pen_hue_range_deg``, saturation ``>= pen_min_saturation``, grown over its rims down to
+   ``pen_edge_saturation``), all widened by ``artefact_margin_px``. Pale, translucent ink counts
+   as tissue. The hue range ends between blue markers (about 200-230°) and haematoxylin-dark
+   tissue (tumour, lymphocyte aggregates: about 240-270°).
+4. Threshold the smoothed score with Otsu over the remaining pixels, clipped to
+   ``[min_threshold, max_threshold]``: the floor keeps a blank slide empty (Otsu on glass alone
+   splits noise); the ceiling keeps pale tissue when dark tissue on the same slide would pull
+   Otsu above it. Open away lines up to ``2 * opening_radius_px`` wide.
+5. Put outlines where tissue covers half a pixel. A threshold low enough for pale tissue also
+   takes the partly covered pixels around dark tissue, a fringe that costs much area on
+   fragmented tissue. So a pixel at most ``edge_band_px`` inside the outline stays only if its
+   sharp score reaches ``edge_fraction`` of the local tissue level (mean sharp score of the
+   tissue further inside, Gaussian-weighted with sigma ``level_sigma_px``). The score grows
+   with the stain a pixel holds, so a half-covered pixel scores about half its neighbours'
+   level, pale or dark; deeper pixels are never dropped, so pale spots in tissue stay tissue.
+6. Close gaps (``closing_radius_um``); fill holes up to ``max_hole_area_um2`` (pale spots;
+   larger holes are lumens or fat and stay) and holes mostly covered by blue/green ink (tissue
+   under a pen mark; a stroke that runs off onto glass leaves a gap); drop pieces smaller than
    ``min_tissue_area_um2``.
 """
 
@@ -41,6 +51,8 @@ from milkit.errors import ConfigError, TilingError
 
 #: Channels of the white reference darker than this mean no glass is visible; no balancing then.
 _MIN_WHITE_REFERENCE = 0.6
+#: Gaussian weight below which no tissue interior is near enough to give a pixel its level.
+_MIN_LEVEL_WEIGHT = 1e-3
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,21 +84,24 @@ def detect_tissue(
     mpp: float,
     smoothing_sigma_px: float = 1.0,
     darkness_weight: float = 0.5,
-    min_threshold: float = 0.04,
+    min_threshold: float = 0.05,
     max_threshold: float = 0.08,
     black_value: float = 0.15,
     grey_value: float = 0.5,
     grey_max_saturation: float = 0.15,
-    pen_hue_range_deg: tuple[float, float] = (90.0, 250.0),
+    pen_hue_range_deg: tuple[float, float] = (90.0, 235.0),
     pen_min_saturation: float = 0.4,
     pen_edge_saturation: float = 0.15,
     artefact_margin_px: int = 2,
     opening_radius_px: int = 1,
-    closing_radius_um: float = 40.0,
-    max_hole_area_um2: float = 100_000.0,
-    min_tissue_area_um2: float = 25_000.0,
+    edge_band_px: int = 2,
+    edge_fraction: float = 0.5,
+    level_sigma_px: float = 2.0,
+    closing_radius_um: float = 5.0,
+    max_hole_area_um2: float = 1_000.0,
+    min_tissue_area_um2: float = 500.0,
 ) -> TissueDetection:
-    """Find tissue on a thumbnail with one global threshold for the slide.
+    """Find tissue on a thumbnail: one global threshold, outlines placed by the local stain.
 
     See the module docstring for the full rule. H&E tissue is pink/purple (hue about 270-360°
     and 0-30°) and is never excluded as pen; weak blue haematoxylin counterstain on IHC slides
@@ -95,7 +110,8 @@ def detect_tissue(
     Args:
         thumbnail: ``(H, W, 3)`` uint8 RGB.
         mpp: Microns per thumbnail pixel (level-0 mpp times the thumbnail's downsample).
-        smoothing_sigma_px: Gaussian sigma against pixel noise, in thumbnail pixels (0: none).
+        smoothing_sigma_px: Gaussian sigma in thumbnail pixels of the score that is
+            thresholded, against pixel noise (0: none).
         darkness_weight: Weight of ``1 - max(R,G,B)`` in the score (0: chroma only).
         min_threshold: Lowest score threshold, above the noise of glass.
         max_threshold: Highest score threshold, below the score of pale tissue.
@@ -109,6 +125,11 @@ def detect_tissue(
         artefact_margin_px: Excluded regions are dilated by a disk of this radius in pixels.
         opening_radius_px: Radius in pixels of an opening that removes lines up to twice as
             wide (coverslip edges, grey rims of borders and ink); 0: none.
+        edge_band_px: Depth in pixels of the band inside the outline whose pixels must reach
+            ``edge_fraction`` of the local tissue level (0: outlines as thresholded).
+        edge_fraction: Fraction in [0, 1] of the local tissue level a band pixel must score.
+        level_sigma_px: Gaussian sigma in pixels of the neighbourhood the local tissue level
+            is averaged over.
         closing_radius_um: Radius of the morphological closing in µm (0: none).
         max_hole_area_um2: Holes inside tissue up to this area in µm² are filled.
         min_tissue_area_um2: Tissue pieces smaller than this area in µm² are removed.
@@ -120,27 +141,30 @@ def detect_tissue(
         ConfigError: The thumbnail is not ``(H, W, 3)`` uint8, or an option is out of range.
     """
     _check_thumbnail(thumbnail)
-    _check_positive(mpp=mpp)
+    _check_positive(mpp=mpp, level_sigma_px=level_sigma_px)
     _check_ordered("min_threshold", min_threshold, "max_threshold", max_threshold)
     _check_ordered(
         "pen_edge_saturation", pen_edge_saturation, "pen_min_saturation", pen_min_saturation
     )
-    rgb = _white_balanced(thumbnail, smoothing_sigma_px=smoothing_sigma_px)
-    value = rgb.max(axis=-1)
-    chroma = value - rgb.min(axis=-1)
+    _check_ordered("edge_fraction", edge_fraction, "1", 1.0)
+    sharp, smooth = _white_balanced(thumbnail, smoothing_sigma_px=smoothing_sigma_px)
+    value, chroma = _value_chroma(sharp)
     saturation = np.divide(chroma, value, out=np.zeros_like(chroma), where=value > 0)
-    score = chroma + darkness_weight * (1.0 - value)
-
-    artefact = (value < black_value) | ((value < grey_value) & (saturation < grey_max_saturation))
-    hue = _hue_deg(rgb, value=value, chroma=chroma)
+    dark = (value < black_value) | ((value < grey_value) & (saturation < grey_max_saturation))
+    hue = _hue_deg(sharp, value=value, chroma=chroma)
     in_pen_hue = (hue >= pen_hue_range_deg[0]) & (hue <= pen_hue_range_deg[1])
     # Hysteresis: strongly saturated ink cores, grown over their paler rims.
-    artefact |= apply_hysteresis_threshold(
+    ink = apply_hysteresis_threshold(
         np.where(in_pen_hue, saturation, 0.0), pen_edge_saturation, pen_min_saturation
     )
-    if artefact_margin_px > 0 and artefact.any():
-        artefact = ndi.binary_dilation(artefact, structure=disk(artefact_margin_px).astype(bool))
+    if artefact_margin_px > 0:
+        margin = disk(artefact_margin_px).astype(bool)
+        dark, ink = (
+            ndi.binary_dilation(m, structure=margin) if m.any() else m for m in (dark, ink)
+        )
+    artefact = dark | ink
 
+    score = _score(smooth, darkness_weight)
     valid_scores = score[~artefact]
     otsu = float("nan")
     if valid_scores.size > 1 and np.ptp(valid_scores) > 0:
@@ -149,13 +173,19 @@ def detect_tissue(
         min_threshold if math.isnan(otsu) else float(np.clip(otsu, min_threshold, max_threshold))
     )
 
-    mask = _clean(
-        (score > threshold) & ~artefact,
-        opening_radius_px=opening_radius_px,
-        closing_radius_px=round(closing_radius_um / mpp),
-        max_hole_area_px=max_hole_area_um2 / mpp**2,
-        min_object_area_px=min_tissue_area_um2 / mpp**2,
+    mask = (score > threshold) & ~artefact
+    if opening_radius_px > 0:
+        mask = ndi.binary_opening(mask, structure=disk(opening_radius_px).astype(bool))
+    mask = _refine_outline(
+        mask,
+        _score(sharp, darkness_weight),
+        band_px=edge_band_px,
+        fraction=edge_fraction,
+        level_sigma_px=level_sigma_px,
     )
+    mask = _closing(mask, radius_px=round(closing_radius_um / mpp))
+    mask |= _holes_to_fill(mask, max_area_px=max_hole_area_um2 / mpp**2, ink=ink)
+    mask = _remove_small_components(mask, min_area_px=min_tissue_area_um2 / mpp**2)
     return TissueDetection(mask=mask, threshold=threshold, otsu_threshold=otsu, mpp=float(mpp))
 
 
@@ -242,16 +272,35 @@ def _footprint_edges(
     return start, np.maximum(end, start + 1)
 
 
-def _white_balanced(thumbnail: np.ndarray, *, smoothing_sigma_px: float) -> np.ndarray:
-    """``(H, W, 3)`` float32 in [0, 1], smoothed, with the glass colour mapped to white."""
-    rgb = thumbnail.astype(np.float32) / 255.0
+def _white_balanced(
+    thumbnail: np.ndarray, *, smoothing_sigma_px: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The thumbnail as it is and smoothed, both ``(H, W, 3)`` float32 in [0, 1], with the
+    glass colour mapped to white."""
+    sharp = thumbnail.astype(np.float32) / 255.0
+    smooth = sharp
     if smoothing_sigma_px > 0:
-        rgb = ndi.gaussian_filter(rgb, sigma=(smoothing_sigma_px, smoothing_sigma_px, 0))
-    white = np.percentile(rgb.reshape(-1, 3), 99, axis=0)
+        smooth = ndi.gaussian_filter(sharp, sigma=(smoothing_sigma_px, smoothing_sigma_px, 0))
+    # From the smoothed copy: the colour of the glass, not of the brightest noise on it.
+    white = np.percentile(smooth.reshape(-1, 3), 99, axis=0)
     if white.min() < _MIN_WHITE_REFERENCE:
         # Tissue or borders cover (nearly) everything: stretching them to white would erase them.
-        return rgb
-    return np.minimum(rgb / white, 1.0)
+        return sharp, smooth
+    return np.minimum(sharp / white, 1.0), np.minimum(smooth / white, 1.0)
+
+
+def _score(rgb: np.ndarray, darkness_weight: float) -> np.ndarray:
+    """``(H, W)`` score ``chroma + darkness_weight * darkness`` of ``(H, W, 3)`` RGB in [0, 1]."""
+    value, chroma = _value_chroma(rgb)
+    return chroma + darkness_weight * (1.0 - value)
+
+
+def _value_chroma(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(H, W)`` HSV value ``max(R,G,B)`` and chroma ``max - min`` of ``(H, W, 3)`` RGB."""
+    # Channel by channel: reducing over a last axis of length 3 is several times slower.
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    value = np.maximum(np.maximum(red, green), blue)
+    return value, value - np.minimum(np.minimum(red, green), blue)
 
 
 def _hue_deg(rgb: np.ndarray, *, value: np.ndarray, chroma: np.ndarray) -> np.ndarray:
@@ -266,20 +315,37 @@ def _hue_deg(rgb: np.ndarray, *, value: np.ndarray, chroma: np.ndarray) -> np.nd
     return np.where(chroma > 0, hue * 60.0, 0.0)
 
 
-def _clean(
+def _refine_outline(
     mask: np.ndarray,
+    score: np.ndarray,
     *,
-    opening_radius_px: int,
-    closing_radius_px: int,
-    max_hole_area_px: float,
-    min_object_area_px: float,
+    band_px: int,
+    fraction: float,
+    level_sigma_px: float,
 ) -> np.ndarray:
-    """Open, close, fill small holes and drop small objects of an ``(H, W)`` bool mask."""
-    if opening_radius_px > 0:
-        mask = ndi.binary_opening(mask, structure=disk(opening_radius_px).astype(bool))
-    mask = _closing(mask, radius_px=closing_radius_px)
-    mask = ~_remove_small_components(~mask, min_area_px=max_hole_area_px, keep_border=True)
-    return _remove_small_components(mask, min_area_px=min_object_area_px)
+    """``(H, W)`` bool: ``mask`` without the pixels at most ``band_px`` inside its outline whose
+    ``(H, W)`` sharp ``score`` is below ``fraction`` of their local tissue level."""
+    if band_px <= 0 or fraction <= 0 or not mask.any():
+        return mask
+    # border_value=1: the thumbnail's edge is no outline (the tissue may go on beyond it).
+    interior = ndi.binary_erosion(mask, structure=disk(band_px).astype(bool), border_value=1)
+    band = mask & ~interior
+    if not band.any():
+        return mask
+    level = _local_mean(score, interior, sigma_px=level_sigma_px)
+    # Pieces thinner than the band have no interior: their own mean is their level.
+    level = np.where(np.isnan(level), _local_mean(score, mask, sigma_px=level_sigma_px), level)
+    return mask & ~(band & (score < fraction * level))
+
+
+def _local_mean(values: np.ndarray, where: np.ndarray, *, sigma_px: float) -> np.ndarray:
+    """``(H, W)`` Gaussian-weighted mean of ``values`` over the pixels in ``where``; NaN where
+    none of them is near."""
+    weight = ndi.gaussian_filter(where.astype(np.float32), sigma_px)
+    total = ndi.gaussian_filter(np.where(where, values, 0.0).astype(np.float32), sigma_px)
+    return np.divide(
+        total, weight, out=np.full_like(total, np.nan), where=weight > _MIN_LEVEL_WEIGHT
+    )
 
 
 def _closing(mask: np.ndarray, *, radius_px: int) -> np.ndarray:
@@ -295,21 +361,28 @@ def _closing(mask: np.ndarray, *, radius_px: int) -> np.ndarray:
     return ndi.distance_transform_edt(dilated) > radius_px
 
 
-def _remove_small_components(
-    mask: np.ndarray, *, min_area_px: float, keep_border: bool = False
-) -> np.ndarray:
-    """Drop 4-connected components of ``mask`` with area below ``min_area_px`` pixels.
+def _holes_to_fill(mask: np.ndarray, *, max_area_px: float, ink: np.ndarray) -> np.ndarray:
+    """``(H, W)`` bool: the holes of ``mask`` that are small or mostly ``ink``.
 
-    With ``keep_border``, components touching the image edge are kept whatever their size (used
-    for holes: background open to the edge is not a hole).
+    Background that reaches the image edge is no hole.
     """
+    labels, count = ndi.label(~mask)
+    if count == 0:
+        return np.zeros_like(mask)
+    area = np.bincount(labels.ravel(), minlength=count + 1)
+    inked = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count + 1)
+    fill = (area <= max_area_px) | (inked >= 0.5 * area)
+    fill[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False
+    fill[0] = False
+    return fill[labels]
+
+
+def _remove_small_components(mask: np.ndarray, *, min_area_px: float) -> np.ndarray:
+    """Drop 4-connected components of ``mask`` with area below ``min_area_px`` pixels."""
     labels, count = ndi.label(mask)
     if count == 0:
         return mask
     keep = np.bincount(labels.ravel(), minlength=count + 1) >= min_area_px
-    if keep_border:
-        edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-        keep[edge] = True
     keep[0] = False
     return keep[labels]
 

@@ -72,22 +72,59 @@ def ellipse(y: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ((y - 1500) / 1000) ** 2 + ((x - 2000) / 1400) ** 2 <= 1
 
 
-SMALL_HOLE = disc(1500, 1400, 80)  # 20,000 µm², below the default 100,000 µm² hole limit
+SMALL_HOLE = disc(1500, 1400, 15)  # 700 µm², below the default 1,000 µm² hole limit: filled
+LUMEN = disc(1500, 1700, 60)  # 11,300 µm²: a real glass hole (gland lumen, fat), kept
 BIG_HOLE = disc(1500, 2500, 300)  # 283,000 µm², kept
 
 
-@pytest.mark.parametrize("mpp", [8.0, 16.0])
-def test_blob_with_holes_small_holes_filled_big_hole_kept(mpp: float) -> None:
-    thumbnail = render([(ellipse, PINK), (SMALL_HOLE, GLASS), (BIG_HOLE, GLASS)], mpp)
+@pytest.mark.parametrize("mpp", [4.0, 8.0])
+def test_blob_with_holes_small_holes_filled_big_holes_kept(mpp: float) -> None:
+    thumbnail = render(
+        [(ellipse, PINK), (SMALL_HOLE, GLASS), (LUMEN, GLASS), (BIG_HOLE, GLASS)], mpp
+    )
     result = detect_tissue(thumbnail, mpp=mpp)
-    expected = truth(ellipse, mpp) & ~truth(BIG_HOLE, mpp)
+    expected = truth(ellipse, mpp) & ~truth(BIG_HOLE, mpp) & ~truth(LUMEN, mpp)
 
     assert result.mask.shape == thumbnail.shape[:2] and result.mask.dtype == bool
     assert iou(result.mask, expected) >= 0.95
     assert result.mask[truth(SMALL_HOLE, mpp)].all()
+    assert not result.mask[truth(disc(1500, 1700, 45), mpp)].any()
     assert not result.mask[truth(disc(1500, 2500, 250), mpp)].any()
     assert result.mpp == mpp
     assert result.tissue_area_um2 == pytest.approx(result.mask.sum() * mpp**2)
+
+
+def test_small_hole_is_found_before_it_is_filled() -> None:
+    thumbnail = render([(ellipse, PINK), (SMALL_HOLE, GLASS)], 4.0)
+    unfilled = detect_tissue(thumbnail, mpp=4.0, max_hole_area_um2=0.0).mask
+    assert unfilled[truth(SMALL_HOLE, 4.0)].mean() <= 0.2  # open, but for its rim
+
+
+@pytest.mark.parametrize("color", [(150, 60, 140), PINK, PALE_PINK])
+def test_outlines_of_fragmented_tissue_have_no_fringe(color: tuple[int, int, int]) -> None:
+    # 25 pieces of 120-160 µm radius: a one-pixel fringe would add 10-15 % of their area.
+    pieces = [
+        disc(500 + 550 * i, 500 + 700 * j, 120 + 20 * ((i + j) % 3))
+        for i in range(5)
+        for j in range(5)
+    ]
+
+    def fragments(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return np.any([piece(y, x) for piece in pieces], axis=0)
+
+    mask = detect_tissue(render([(fragments, color)], 8.0), mpp=8.0).mask
+    expected = truth(fragments, 8.0)
+    assert iou(mask, expected) >= 0.97
+    assert mask.sum() == pytest.approx(expected.sum(), rel=0.03)
+
+
+def test_haematoxylin_dark_tissue_is_not_taken_for_pen() -> None:
+    # Dense nuclei (lymphocyte aggregate, tumour) are blue-violet, hue about 245°, saturated.
+    aggregate = disc(1500, 2000, 400)
+    thumbnail = render([(ellipse, PINK), (aggregate, (70, 60, 170))], 16.0)
+    mask = detect_tissue(thumbnail, mpp=16.0).mask
+    assert mask[truth(aggregate, 16.0)].all()
+    assert iou(mask, truth(ellipse, 16.0)) >= 0.95
 
 
 def test_faint_tissue_is_detected() -> None:
@@ -143,16 +180,16 @@ def test_blank_slide_gives_an_empty_mask(background: tuple[int, int, int]) -> No
 
 def test_mask_does_not_depend_on_thumbnail_scale() -> None:
     # Areas chosen so no threshold in pixels could pass both scales: the small disc has more
-    # pixels at 8 µm/px (276) than the kept one at 16 µm/px (148).
-    too_small = disc(2600, 600, 75)  # 17,700 µm² < 25,000 µm² default minimum
-    big_enough = disc(2600, 3400, 110)  # 38,000 µm²
+    # pixels at 4 µm/px (24) than the kept one at 8 µm/px (18).
+    too_small = disc(2600, 600, 11)  # 380 µm² < 500 µm² default minimum
+    big_enough = disc(2600, 3400, 19)  # 1,130 µm²
     layers = [(ellipse, PINK), (SMALL_HOLE, GLASS), (too_small, PINK), (big_enough, PINK)]
-    fine = detect_tissue(render(layers, 8.0), mpp=8.0).mask
-    coarse = detect_tissue(render(layers, 16.0), mpp=16.0).mask
+    fine = detect_tissue(render(layers, 4.0), mpp=4.0).mask
+    coarse = detect_tissue(render(layers, 8.0), mpp=8.0).mask
 
     fine_at_coarse = fine.reshape(coarse.shape[0], 2, coarse.shape[1], 2).mean(axis=(1, 3)) >= 0.5
     assert iou(fine_at_coarse, coarse) >= 0.9
-    for mask, mpp in ((fine, 8.0), (coarse, 16.0)):
+    for mask, mpp in ((fine, 4.0), (coarse, 8.0)):
         assert not mask[truth(too_small, mpp)].any()
         assert mask[truth(big_enough, mpp)].all()
         assert mask[truth(SMALL_HOLE, mpp)].all()
@@ -168,6 +205,10 @@ def test_detect_tissue_rejects_bad_input() -> None:
         detect_tissue(thumbnail, mpp=0.0)
     with pytest.raises(ConfigError, match="min_threshold"):
         detect_tissue(thumbnail, mpp=16.0, min_threshold=0.2, max_threshold=0.1)
+    with pytest.raises(ConfigError, match="edge_fraction"):
+        detect_tissue(thumbnail, mpp=16.0, edge_fraction=1.5)
+    with pytest.raises(ConfigError, match="level_sigma_px"):
+        detect_tissue(thumbnail, mpp=16.0, level_sigma_px=0.0)
 
 
 def brute_force_fractions(
