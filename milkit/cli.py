@@ -282,6 +282,44 @@ def _add_heatmap(subparsers: argparse._SubParsersAction) -> None:
 _COMMANDS = (_add_synth, _add_tile, _add_preprocess, _add_heatmap, _add_demo)
 
 
+#: Subcommands parsed by LightningCLI/jsonargparse: ``module:function`` taking the remaining argv.
+_LIGHTNING_COMMANDS = {
+    "fit": (
+        "milkit.training.cli",
+        "run_lightning",
+        "train a MIL head (LightningCLI; --config YAML)",
+    ),
+    "validate": ("milkit.training.cli", "run_lightning", "validate a checkpoint"),
+    "test": ("milkit.training.cli", "run_lightning", "test a checkpoint"),
+    "predict": ("milkit.training.cli", "run_lightning", "write prediction files of a checkpoint"),
+    "cv": (
+        "milkit.training.cv",
+        "main",
+        "K-fold x R cross-validation with a summary of every metric",
+    ),
+    "continual": (
+        "milkit.training.continual",
+        "main",
+        "continual MIL over a task sequence (CoMEL)",
+    ),
+    "pretrain": (
+        "milkit.ssl.pretrain",
+        "main",
+        "DINO pretraining of a ViT on tiles; exports local-dir:",
+    ),
+}
+#: Of those, the ones whose entry point wants the subcommand itself as its first argument.
+_KEEPS_SUBCOMMAND = {"fit", "validate", "test", "predict"}
+
+
+def _run_lightning_command(argv: list[str]) -> int:
+    import importlib
+
+    module_name, function, _ = _LIGHTNING_COMMANDS[argv[0]]
+    entry = getattr(importlib.import_module(module_name), function)
+    return int(entry(argv if argv[0] in _KEEPS_SUBCOMMAND else argv[1:]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every non-Lightning subcommand."""
     parser = argparse.ArgumentParser(
@@ -293,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(subparsers)
+    for name, (_, _, help_text) in _LIGHTNING_COMMANDS.items():
+        # Listed for --help only: main() hands these to their jsonargparse parsers (see `milkit NAME --help`).
+        subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -306,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: 0 on success, 1 when a slide or step failed, 2 on bad usage.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _LIGHTNING_COMMANDS:
+        return _run_lightning_command(argv)
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:

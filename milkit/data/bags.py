@@ -1,0 +1,272 @@
+"""Bags of tile features read lazily from feature files, and the padding collate.
+
+:func:`probe_bag` learns a file's layout once (through :mod:`milkit.features.store`, which
+knows the milkit, CLAM, TRIDENT and STAMP formats). :class:`BagDataset` then reads only the
+``features`` and ``coords`` datasets per item through h5py handles that each process opens
+for itself on first use (never pickled into DataLoader workers) and keeps open. Features keep
+their stored dtype (float16 halves the bytes moved); the training module casts them on its
+device. ``store.py`` has no such cheap per-item reader, so it lives here; files that need a
+conversion on read (STAMP's micron coordinates) go through :func:`milkit.features.store.read_bag`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from milkit.features.store import read_bag, read_coords, read_features_dim
+
+
+@dataclass(frozen=True)
+class BagInfo:
+    """What a feature file holds, learned once per file.
+
+    Attributes:
+        slide_id: The file's stem.
+        path: The feature file.
+        n_tiles: Number of tiles N.
+        feature_dim: Feature length D.
+        format: ``"milkit"``, ``"clam"``, ``"trident"`` or ``"stamp"``.
+        encoder: The encoder id recorded in the file, if any.
+        slide_path: The slide the file came from, if recorded.
+        direct: Whether ``features``/``coords`` can be read as stored (else through ``read_bag``).
+    """
+
+    slide_id: str
+    path: Path
+    n_tiles: int
+    feature_dim: int
+    format: str
+    encoder: str | None
+    slide_path: str | None
+    direct: bool
+
+
+def probe_bag(path: str | Path) -> BagInfo:
+    """Learn a feature file's layout (cached per path, size and modification time).
+
+    Args:
+        path: A milkit, CLAM, TRIDENT or STAMP feature file.
+
+    Returns:
+        Its :class:`BagInfo`.
+
+    Raises:
+        FeatureFileError: Missing, unfinished, malformed or coordinate-only file.
+    """
+    path = Path(path)
+    stat = path.stat() if path.is_file() else None
+    return _probe(path, stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1)
+
+
+@lru_cache(maxsize=65536)
+def _probe(path: Path, size: int, mtime_ns: int) -> BagInfo:
+    meta = read_coords(path)
+    encoder = meta.attrs.get("encoder")
+    slide_path = meta.attrs.get("slide_path")
+    return BagInfo(
+        slide_id=path.stem,
+        path=path,
+        n_tiles=len(meta.coords),
+        feature_dim=read_features_dim(path),
+        format=meta.format,
+        encoder=str(encoder) if encoder else None,
+        slide_path=str(slide_path) if slide_path else None,
+        direct=meta.format != "stamp",
+    )
+
+
+@dataclass
+class BagItem:
+    """One bag as the dataset yields it.
+
+    Attributes:
+        features: ``(n, D)`` tile features in the stored dtype (float16 or float32).
+        coords: ``(n, 2)`` int64 level-0 ``(x, y)`` of the same tiles.
+        target: Class index (classification), number (regression), or None.
+        slide_id: The slide.
+        slide_path: The slide file, when the feature file records it.
+        feature_path: The feature file.
+    """
+
+    features: torch.Tensor
+    coords: torch.Tensor
+    target: int | float | None
+    slide_id: str
+    slide_path: str | None
+    feature_path: str
+
+
+@dataclass
+class BagBatch:
+    """A padded batch of bags (Lightning moves its tensors to the device).
+
+    Attributes:
+        features: ``(B, N, D)`` features, zero on padding.
+        mask: ``(B, N)`` bool, True for real tiles.
+        coords: ``(B, N, 2)`` int64 level-0 ``(x, y)``, zero on padding.
+        targets: ``(B,)`` int64 class indices or float32 values; None without targets.
+        slide_ids: ``B`` slide ids.
+        slide_paths: ``B`` slide files (None where unknown).
+        feature_paths: ``B`` feature files.
+    """
+
+    features: torch.Tensor
+    mask: torch.Tensor
+    coords: torch.Tensor
+    targets: torch.Tensor | None
+    slide_ids: list[str]
+    slide_paths: list[str | None]
+    feature_paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def pin_memory(self) -> BagBatch:
+        """Page-lock the tensors (called by DataLoader with ``pin_memory=True``)."""
+        values = {field.name: getattr(self, field.name) for field in fields(self)}
+        return BagBatch(
+            **{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        )
+
+
+class _OpenFiles:
+    """Per-process LRU of open read-only feature files, as their ``(features, coords)``
+    datasets (looked up once per file); dropped when pickled or forked."""
+
+    def __init__(self, max_open: int) -> None:
+        self.max_open = max_open
+        self._pid = os.getpid()
+        self._files: OrderedDict[Path, tuple[h5py.Dataset, h5py.Dataset]] = OrderedDict()
+
+    def get(self, path: Path) -> tuple[h5py.Dataset, h5py.Dataset]:
+        if self._pid != os.getpid():  # a forked worker must not share the parent's handles
+            self._files = OrderedDict()
+            self._pid = os.getpid()
+        datasets = self._files.get(path)
+        if datasets is None:
+            file = h5py.File(path, "r")
+            datasets = self._files[path] = (file["features"], file["coords"])
+            while len(self._files) > self.max_open:
+                self._files.popitem(last=False)[1][0].file.close()
+        else:
+            self._files.move_to_end(path)
+        return datasets
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"max_open": self.max_open}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["max_open"])
+
+
+class BagDataset(Dataset[BagItem]):
+    """Bags of tile features, one per feature file.
+
+    Args:
+        bags: The files, as probed by :func:`probe_bag`.
+        targets: ``(len(bags),)`` class indices or numbers, or None (prediction).
+        max_tiles: In training, keep a random subset of at most this many tiles per bag
+            (drawn with torch's generator, so ``seed_everything`` fixes it). None keeps all.
+        training: Whether to subsample; evaluation always reads every tile.
+        max_open_files: Open file handles kept per process.
+    """
+
+    def __init__(
+        self,
+        bags: Sequence[BagInfo],
+        targets: Sequence[int | float] | None = None,
+        *,
+        max_tiles: int | None = None,
+        training: bool = False,
+        max_open_files: int = 128,
+    ) -> None:
+        if targets is not None and len(targets) != len(bags):
+            raise ValueError(f"{len(targets)} targets for {len(bags)} bags.")
+        self.bags = list(bags)
+        self.targets = list(targets) if targets is not None else None
+        self.max_tiles = max_tiles
+        self.training = training
+        self._files = _OpenFiles(max_open_files)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, index: int) -> BagItem:
+        info = self.bags[index]
+        features, coords = self._read(info)
+        if self.training and self.max_tiles is not None and len(features) > self.max_tiles:
+            keep = torch.randperm(len(features))[: self.max_tiles].sort().values.numpy()
+            features, coords = features[keep], coords[keep]
+        return BagItem(
+            features=torch.from_numpy(np.ascontiguousarray(features)),
+            coords=torch.from_numpy(np.ascontiguousarray(coords, dtype=np.int64)),
+            target=self.targets[index] if self.targets is not None else None,
+            slide_id=info.slide_id,
+            slide_path=info.slide_path,
+            feature_path=str(info.path),
+        )
+
+    def _read(self, info: BagInfo) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, D)`` features (stored dtype) and ``(N, 2)`` coords of one file."""
+        if not info.direct:
+            bag = read_bag(info.path)
+            return bag.features, np.rint(bag.coords).astype(np.int64)
+        features, coords = self._files.get(info.path)
+        # Some CLAM versions write (1, N, D); store.py accepts it, so read it too.
+        return (features[0] if features.ndim == 3 else features[()]), coords[()]
+
+
+def collate_bags(items: Sequence[BagItem]) -> BagBatch:
+    """Pad bags of different lengths into one batch.
+
+    Args:
+        items: ``B`` bags from :class:`BagDataset`.
+
+    Returns:
+        The padded :class:`BagBatch`; a single bag is batched without copying.
+    """
+    lengths = torch.tensor([len(item.features) for item in items])
+    if len(items) == 1:
+        features, coords = items[0].features[None], items[0].coords[None]
+    else:
+        dtypes = {item.features.dtype for item in items}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # mixed precisions
+        features = _pad([item.features for item in items], dtype)
+        coords = _pad([item.coords for item in items], torch.int64)
+    mask = torch.arange(features.shape[1]) < lengths[:, None]
+    targets = [item.target for item in items]
+    target_tensor = None
+    if all(target is not None for target in targets):
+        dtype = torch.int64 if all(isinstance(t, int) for t in targets) else torch.float32
+        target_tensor = torch.tensor(targets, dtype=dtype)
+    return BagBatch(
+        features=features,
+        mask=mask,
+        coords=coords,
+        targets=target_tensor,
+        slide_ids=[item.slide_id for item in items],
+        slide_paths=[item.slide_path for item in items],
+        feature_paths=[item.feature_path for item in items],
+    )
+
+
+def _pad(rows: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``B`` tensors ``(n_b, K)`` -> ``(B, max n_b, K)`` with zero tails; each byte written once
+    (no zero fill of the whole batch first)."""
+    longest = max(len(row) for row in rows)
+    out = torch.empty((len(rows), longest, rows[0].shape[1]), dtype=dtype)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = row
+        out[index, len(row) :] = 0
+    return out

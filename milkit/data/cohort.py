@@ -1,0 +1,179 @@
+"""A cohort: the labels CSV joined with its feature files, checked as a whole before training.
+
+Problems are collected across both (a slide without a feature file, an unreadable or
+unfinished file, an empty bag, feature sizes or encoders that differ between files) and
+raised together with the CSV's line numbers, so one run shows everything to fix.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from milkit.data.bags import BagInfo, probe_bag
+from milkit.data.labels import (
+    LabelTable,
+    ProblemReport,
+    SlideLabel,
+    TaskType,
+    class_names_of,
+    read_labels,
+)
+from milkit.errors import FeatureFileError, LabelsError
+from milkit.features.store import TMP_SUFFIX
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """Slides with their labels and feature files.
+
+    Attributes:
+        rows: One labels row per slide (targets None without a labels CSV).
+        bags: The feature file of each row, in the same order.
+        task: ``"classification"`` or ``"regression"``.
+        class_names: Class names in index order (classification), else None.
+        feature_dim: The feature length D shared by every file.
+        encoder: The encoder id the files record (None if they record none).
+        labels: The checked labels CSV, or None for a folder of unlabelled files.
+    """
+
+    rows: tuple[SlideLabel, ...]
+    bags: tuple[BagInfo, ...]
+    task: TaskType
+    class_names: tuple[str, ...] | None
+    feature_dim: int
+    encoder: str | None
+    labels: LabelTable | None
+
+    def targets(self) -> list[int | float] | None:
+        """Class indices (classification) or numbers (regression) per row; None if unlabelled."""
+        if any(row.target is None for row in self.rows):
+            return None
+        if self.class_names is None:
+            return [float(row.target) for row in self.rows]  # type: ignore[arg-type]
+        index = {name: i for i, name in enumerate(self.class_names)}
+        return [index[str(row.target)] for row in self.rows]
+
+
+def load_cohort(
+    features_dir: str | Path,
+    labels_csv: str | Path | None,
+    *,
+    target: str,
+    task: TaskType = "classification",
+    class_names: Sequence[str] | None = None,
+    target_range: tuple[float, float] | None = None,
+) -> Cohort:
+    """Read the labels, find and probe every slide's feature file, and check them together.
+
+    Args:
+        features_dir: Folder of ``<slide_id>.h5`` feature files.
+        labels_csv: The labels CSV (design.md §5); None to take every finished file in
+            ``features_dir`` without targets (prediction on new slides).
+        target: Name of the target column.
+        task: ``"classification"`` or ``"regression"``.
+        class_names: Classes in index order; None to take the sorted classes of the CSV.
+        target_range: Inclusive bounds for regression targets.
+
+    Returns:
+        The checked cohort.
+
+    Raises:
+        LabelsError: CSV problems, slides without a feature file, or fewer than two classes;
+            feature-file problems found alongside are listed in the same message.
+        FeatureFileError: Only feature-file problems (unreadable, unfinished, empty, or of
+            different feature sizes or encoders), every one listed.
+    """
+    features_dir = Path(features_dir)
+    if not features_dir.is_dir():
+        raise FeatureFileError(f"{features_dir}: no such folder; check --data.features_dir.")
+    if labels_csv is None:
+        files = sorted(p for p in features_dir.glob("*.h5") if not p.name.endswith(TMP_SUFFIX))
+        if not files:
+            raise FeatureFileError(f"{features_dir}: no feature files (*.h5) in this folder.")
+        rows = tuple(SlideLabel(p.stem, None, p.stem, line=0) for p in files)
+        table = None
+        problems = ProblemReport(features_dir)
+    else:
+        problems = ProblemReport(Path(labels_csv))
+        table = read_labels(
+            labels_csv,
+            target=target,
+            task=task,
+            class_names=class_names,
+            target_range=target_range,
+            problems=problems,
+        )
+        rows = table.rows
+    label_problem = bool(problems)
+    bags: list[BagInfo | None] = []
+    for row in rows:
+        path = features_dir / f"{row.slide_id}.h5"
+        if not path.is_file():
+            problems.add(row.line, f"slide {row.slide_id!r} has no feature file ({path})")
+            label_problem = True
+            bags.append(None)
+            continue
+        try:
+            info = probe_bag(path)
+        except FeatureFileError as error:
+            problems.add(row.line, f"slide {row.slide_id!r}: {error}")
+            bags.append(None)
+            continue
+        if info.n_tiles == 0:
+            problems.add(row.line, f"slide {row.slide_id!r}: empty bag, {path} has no tiles")
+        bags.append(info)
+    found = [(row, info) for row, info in zip(rows, bags, strict=True) if info is not None]
+    feature_dim = _check_shared(found, "feature_dim", "feature size", problems)
+    encoder = _check_shared(found, "encoder", "encoder", problems)
+    names = None
+    if task == "classification" and table is None:
+        names = tuple(class_names) if class_names else None  # unlabelled: only what is given
+    elif task == "classification":
+        names = _class_names(rows, class_names, problems)
+        label_problem |= names is None
+    problems.raise_if_any(
+        LabelsError if label_problem else FeatureFileError,
+        f"Fix the labels CSV or re-extract the listed feature files in {features_dir}.",
+    )
+    return Cohort(
+        rows=rows,
+        bags=tuple(info for info in bags if info is not None),
+        task=task,
+        class_names=names,
+        feature_dim=int(feature_dim),  # type: ignore[arg-type]
+        encoder=encoder,  # type: ignore[arg-type]
+        labels=table,
+    )
+
+
+def _check_shared(
+    found: Sequence[tuple[SlideLabel, BagInfo]], field: str, what: str, problems: ProblemReport
+) -> object:
+    """The value of ``field`` most files share; every file that differs is a problem."""
+    counts = Counter(getattr(info, field) for _, info in found)
+    if not counts:
+        return None
+    common = counts.most_common(1)[0][0]
+    for row, info in found:
+        value = getattr(info, field)
+        if value != common:
+            problems.add(
+                row.line,
+                f"slide {row.slide_id!r}: {what} {value!r} differs from {common!r} of "
+                f"{counts[common]} other file(s) ({info.path})",
+            )
+    return common
+
+
+def _class_names(
+    rows: Sequence[SlideLabel], given: Sequence[str] | None, problems: ProblemReport
+) -> tuple[str, ...] | None:
+    """The class names in index order, or None (a recorded problem) if fewer than two."""
+    names = list(given) if given is not None else class_names_of(row.target for row in rows)
+    if len(names) < 2:
+        problems.add(None, f"need at least two classes to classify, found {names}")
+        return None
+    return tuple(names)

@@ -1,0 +1,338 @@
+"""``MILModule``: the LightningModule that trains any MIL model of :mod:`milkit.models`.
+
+The model is a plain ``nn.Module`` (chosen by ``class_path`` in YAML); this module owns the
+loss, the metrics, the optimiser and what a checkpoint records about itself (design.md §2).
+
+Losses: classification is cross-entropy on the bag logits (optionally class-weighted). With an
+instance-loss weight w > 0 (DSMIL's default is 0.5; papers.md B) it is
+``(1 - w)·CE(bag) + w·CE(c_m)``, where ``c_m`` are the critical instance's logits, and the
+predicted probabilities mix the two streams the same way. Regression is MSE between the
+model's value in [0, 1] and ``target / target_scale``; predictions are reported in target units.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torchmetrics import MeanMetric, MetricCollection
+
+import milkit
+from milkit.data.bags import BagBatch
+from milkit.data.labels import TaskType
+from milkit.errors import ConfigError
+from milkit.models.dsmil import DSMIL, critical_instance_logits
+from milkit.models.output import MILOutput
+from milkit.training.metrics import classification_metrics, regression_metrics
+
+#: Key of the self-description a checkpoint carries besides Lightning's own entries.
+CHECKPOINT_KEY = "milkit"
+
+
+@dataclass
+class SlidePrediction:
+    """What ``predict`` yields for one slide (padding removed).
+
+    Attributes:
+        slide_id: The slide.
+        slide_path: The slide file, when the feature file records it.
+        feature_path: The feature file the tiles came from.
+        coords: ``(n, 2)`` int64 level-0 ``(x, y)`` of the tiles.
+        attention: ``(n,)`` or ``(n, H)`` attention over the tiles.
+        tile_scores: ``(n,)`` or ``(n, C)`` the model's tile scores (instance logits, or tile
+            values in [0, 1] for regression), or None.
+        probabilities: ``(C,)`` class probabilities (classification), else None.
+        prediction: Predicted class name, or predicted value in target units.
+        target: True class name or value, when known.
+    """
+
+    slide_id: str
+    slide_path: str | None
+    feature_path: str
+    coords: np.ndarray
+    attention: np.ndarray
+    tile_scores: np.ndarray | None
+    probabilities: np.ndarray | None
+    prediction: str | float
+    target: str | float | None
+
+
+class MILModule(pl.LightningModule):
+    """Trains, evaluates and applies a MIL model on padded batches of bags."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: TaskType = "classification",
+        class_names: list[str] | None = None,
+        feature_dim: int | None = None,
+        encoder: str | None = None,
+        target_name: str | None = None,
+        target_scale: float = 1.0,
+        instance_loss_weight: float | None = None,
+        regression_cutoff: float | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_monitor: str = "val/loss",
+    ) -> None:
+        """Wrap a model.
+
+        Args:
+            model: A MIL model taking ``features (B, N, D)`` and ``mask (B, N)`` and returning
+                a :class:`~milkit.models.output.MILOutput`. Its ``in_dim`` (and ``n_classes``)
+                are filled in from the data by ``milkit fit``.
+            task: ``"classification"`` (``logits``) or ``"regression"`` (``value``).
+            class_names: Class names in index order (from the data); default ``"0"``,
+                ``"1"``, ... up to the model's ``n_classes``.
+            feature_dim: Feature length the model was built for (from the data; recorded in
+                checkpoints and checked against the data on load).
+            encoder: Id of the encoder that made the features (from the files; recorded).
+            target_name: Name of the target (the labels CSV's column; recorded).
+            target_scale: Regression targets are learnt as ``target / target_scale``.
+            instance_loss_weight: Weight w of the critical-instance loss; None for 0.5 with
+                DSMIL and 0 otherwise.
+            regression_cutoff: Target threshold of the high-vs-low AUROC (regression).
+            optimizer: Optimiser factory (``class_path`` + ``init_args`` in YAML).
+            lr_scheduler: Learning-rate scheduler factory, or None.
+            scheduler_monitor: Metric a ``ReduceLROnPlateau`` scheduler watches.
+
+        Raises:
+            ConfigError: Unknown task, or class names that cannot be determined.
+        """
+        super().__init__()
+        with warnings.catch_warnings():
+            # From YAML the model is recorded as class_path + init_args; a model object passed
+            # from Python is not data and is left out of checkpoints (on_save_checkpoint).
+            warnings.filterwarnings("ignore", r"Attribute 'model' is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        if task not in ("classification", "regression"):
+            raise ConfigError(f"task must be classification or regression, got {task!r}.")
+        self.model = model
+        self.task = task
+        self.feature_dim = feature_dim
+        self.encoder = encoder
+        self.target_name = target_name
+        self.target_scale = target_scale
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.scheduler_monitor = scheduler_monitor
+        if instance_loss_weight is None:
+            instance_loss_weight = 0.5 if isinstance(model, DSMIL) else 0.0
+        if not 0.0 <= instance_loss_weight <= 1.0:
+            raise ConfigError(
+                f"instance_loss_weight must be in [0, 1], got {instance_loss_weight}."
+            )
+        self.instance_loss_weight = instance_loss_weight
+        self.register_buffer("loss_weights", None, persistent=False)
+        self.class_names: list[str] | None = None
+        if task == "classification":
+            if class_names is None:
+                n_classes = getattr(model, "n_classes", None)
+                if n_classes is None:
+                    raise ConfigError(f"give class_names: {type(model).__name__} has no n_classes.")
+                class_names = [str(i) for i in range(n_classes)]
+            self.class_names = list(class_names)
+        self.regression_cutoff = regression_cutoff
+        self.val_metrics = self._make_metrics("val/")
+        self.test_metrics = self._make_metrics("test/")
+        # Sample-weighted means synced by torchmetrics: exact under DDP with uneven shares.
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+        """Run the model.
+
+        Args:
+            features: ``(B, N, D)`` tile features of any float type (cast to float32 here).
+            mask: ``(B, N)`` bool, True for real tiles.
+
+        Returns:
+            The model's output.
+        """
+        return self.model(features.float(), mask)
+
+    def predictions(self, output: MILOutput, mask: torch.Tensor) -> torch.Tensor:
+        """Slide predictions from a model output.
+
+        Args:
+            output: The model's output for a batch.
+            mask: ``(B, N)`` bool tile mask.
+
+        Returns:
+            ``(B, C)`` class probabilities, or ``(B,)`` values in target units.
+        """
+        if self.task == "regression":
+            return output.value * self.target_scale
+        probabilities = output.logits.float().softmax(dim=-1)
+        if self.instance_loss_weight > 0:
+            instance = critical_instance_logits(output.tile_scores, mask).float().softmax(dim=-1)
+            w = self.instance_loss_weight
+            probabilities = (1 - w) * probabilities + w * instance
+        return probabilities
+
+    def loss(self, output: MILOutput, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch.
+
+        Args:
+            output: The model's output.
+            mask: ``(B, N)`` bool tile mask.
+            targets: ``(B,)`` class indices, or values in target units.
+
+        Returns:
+            The scalar loss.
+        """
+        if self.task == "regression":
+            return F.mse_loss(output.value.float(), targets.float() / self.target_scale)
+        w = self.instance_loss_weight
+        loss = (1 - w) * F.cross_entropy(output.logits.float(), targets, weight=self.loss_weights)
+        if w > 0:
+            instance = critical_instance_logits(output.tile_scores, mask).float()
+            loss = loss + w * F.cross_entropy(instance, targets, weight=self.loss_weights)
+        return loss
+
+    def setup(self, stage: str) -> None:
+        """Take the class weights of the training part from the datamodule, if it has them."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and self.task == "classification":
+            weights = getattr(datamodule, "class_weights", None)
+            self.loss_weights = weights.to(self.device) if weights is not None else None
+
+    def training_step(self, batch: BagBatch, batch_idx: int) -> torch.Tensor:
+        """Loss of one batch, logged as ``train/loss``."""
+        output = self(batch.features, batch.mask)
+        loss = self.loss(output, batch.mask, batch.targets)
+        self.log("train/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: BagBatch, batch_idx: int) -> None:
+        """Accumulate ``val/`` loss and metrics (logged at the end of the epoch)."""
+        self._evaluate(batch, self.val_metrics, self.val_loss)
+
+    def test_step(self, batch: BagBatch, batch_idx: int) -> None:
+        """Accumulate ``test/`` loss and metrics (logged at the end of the epoch)."""
+        self._evaluate(batch, self.test_metrics, self.test_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics, self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics, self.test_loss)
+
+    def predict_step(self, batch: BagBatch, batch_idx: int) -> list[SlidePrediction]:
+        """Per-slide predictions with attention and tile scores, padding removed."""
+        output = self(batch.features, batch.mask)
+        predicted = self.predictions(output, batch.mask).float().cpu().numpy()
+        results = []
+        for b, slide_id in enumerate(batch.slide_ids):
+            real = batch.mask[b]
+            target = batch.targets[b].item() if batch.targets is not None else None
+            probabilities = predicted[b] if self.task == "classification" else None
+            results.append(
+                SlidePrediction(
+                    slide_id=slide_id,
+                    slide_path=batch.slide_paths[b],
+                    feature_path=batch.feature_paths[b],
+                    coords=batch.coords[b][real].cpu().numpy(),
+                    attention=output.attention[b][real].float().cpu().numpy(),
+                    tile_scores=(
+                        output.tile_scores[b][real].float().cpu().numpy()
+                        if output.tile_scores is not None
+                        else None
+                    ),
+                    probabilities=probabilities,
+                    prediction=self._label(predicted[b]),
+                    target=self._label(target) if target is not None else None,
+                )
+            )
+        return results
+
+    def configure_optimizers(self) -> Any:
+        """The optimiser over all parameters, with the scheduler when one is configured."""
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler}
+        if isinstance(scheduler, ReduceLROnPlateau):
+            config["monitor"] = self.scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record what the checkpoint is, and keep it loadable with ``weights_only=True``."""
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams:
+            # A module built in Python (not from YAML) holds objects here; they are not data.
+            checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if _is_plain(v)}
+        checkpoint[CHECKPOINT_KEY] = {
+            "milkit_version": milkit.__version__,
+            "task": self.task,
+            "class_names": self.class_names,
+            "feature_dim": self.feature_dim,
+            "encoder": self.encoder,
+            "target_name": self.target_name,
+            "target_scale": self.target_scale,
+            "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose classes or feature size disagree with this run's data.
+
+        Raises:
+            ConfigError: Class names or feature length differ.
+        """
+        saved = checkpoint.get(CHECKPOINT_KEY, {})
+        for key, mine, flag in (
+            ("class_names", self.class_names, "--data.class_names"),
+            ("feature_dim", self.feature_dim, "features from the same encoder"),
+        ):
+            theirs = saved.get(key)
+            if theirs is not None and mine is not None and theirs != mine:
+                raise ConfigError(
+                    f"the checkpoint was trained with {key} {theirs!r} but this run has {mine!r}; "
+                    f"use {flag}."
+                )
+
+    def _make_metrics(self, prefix: str) -> MetricCollection:
+        if self.class_names is not None:
+            return classification_metrics(self.class_names, prefix)
+        return regression_metrics(prefix, self.regression_cutoff, self.target_scale)
+
+    def _evaluate(self, batch: BagBatch, metrics: MetricCollection, loss_mean: MeanMetric) -> None:
+        output = self(batch.features, batch.mask)
+        loss = self.loss(output, batch.mask, batch.targets)
+        loss_mean.update(loss.detach(), weight=len(batch))
+        metrics.update(self.predictions(output, batch.mask), batch.targets)
+
+    def _log_metrics(self, stage: str, metrics: MetricCollection, loss_mean: MeanMetric) -> None:
+        if not self.trainer.sanity_checking:  # a couple of batches: their metrics mean nothing
+            values = {**metrics.compute(), f"{stage}/loss": loss_mean.compute()}
+            # torchmetrics has synced the states across ranks; sync_dist averages equal values.
+            self.log_dict(values, sync_dist=True)
+        metrics.reset()
+        loss_mean.reset()
+
+    def _label(self, value: np.ndarray | float | int) -> str | float:
+        """A class name from probabilities or an index; a float for regression."""
+        if self.class_names is None:
+            return float(value)
+        index = int(np.argmax(value)) if isinstance(value, np.ndarray) else int(value)
+        return self.class_names[index]
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether a value is plain data (what ``torch.load(weights_only=True)`` reads back)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False

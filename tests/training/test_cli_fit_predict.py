@@ -1,0 +1,128 @@
+"""``milkit fit|predict`` through LightningCLI: each model config trains, checkpoints predict."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from milkit.data.synthetic import WitnessCohort, write_witness_cohort
+from milkit.features.store import read_bag
+from milkit.models import ABMIL, DSMIL
+from milkit.training.cli import build_cli, run_lightning
+from milkit.training.module import MILModule
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: intra-op threads only add contention on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> WitnessCohort:
+    return write_witness_cohort(
+        tmp_path_factory.mktemp("cohort"),
+        n_bags=16,
+        n_tiles=(6, 10),
+        feature_dim=8,
+        n_witnesses=(1, 3),
+    )
+
+
+def _options(cohort: WitnessCohort, root: Path, model: str) -> list[str]:
+    return [
+        "--trainer", str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--data", str(CONFIGS / "data" / "default.yaml"),
+        "--model", str(CONFIGS / "model" / f"{model}.yaml"),
+        "--data.features_dir", str(cohort.features_dir),
+        "--data.labels_csv", str(cohort.labels_csv),
+        "--data.num_workers", "0",
+        "--data.n_folds", "4",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model", "model_class", "gated"),
+    [("abmil", ABMIL, False), ("abmil_gated", ABMIL, True), ("dsmil", DSMIL, None)],
+)
+def test_fast_dev_run_trains_each_model_config(
+    cohort: WitnessCohort, tmp_path: Path, model: str, model_class: type, gated: bool | None
+) -> None:
+    cli = build_cli(["fit", *_options(cohort, tmp_path, model), "--trainer.fast_dev_run", "1"])
+    network = cli.model.model
+    assert type(network) is model_class
+    assert cli.trainer.global_step == 1  # one optimiser step was taken
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    first = network.embed[0] if isinstance(network.embed, torch.nn.Sequential) else None
+    in_dim = first.in_features if first is not None else network.instance_classifier.in_features
+    assert in_dim == 8 and network.n_classes == 2  # linked from the data
+    assert cli.model.class_names == ["negative", "positive"] and cli.model.feature_dim == 8
+    if gated is not None:
+        assert hasattr(network.pooling, "gate_proj") is gated
+
+
+def test_checkpoint_round_trips_through_predict(cohort: WitnessCohort, tmp_path: Path) -> None:
+    cli = build_cli(
+        ["fit", *_options(cohort, tmp_path / "fit", "abmil_gated"), "--trainer.max_epochs", "2"]
+    )
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path
+    assert Path(checkpoint).is_file()
+    run = tmp_path / "predict"
+    options = _options(cohort, run, "abmil_gated")
+    assert run_lightning(["predict", *options, "--ckpt_path", checkpoint]) == 0
+
+    with open(run / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["slide_id"] for row in rows] == sorted(cohort.labels)
+    assert list(rows[0]) == ["slide_id", "target", "prediction", "prob_negative", "prob_positive"]
+    assert all(row["target"] == cohort.labels[row["slide_id"]] for row in rows)
+
+    loaded = MILModule.load_from_checkpoint(checkpoint, weights_only=True).eval()
+    assert loaded.class_names == ["negative", "positive"]
+    for row in rows[:4]:
+        bag = read_bag(cohort.features_dir / f"{row['slide_id']}.h5")
+        features = torch.from_numpy(bag.features)[None]
+        with torch.no_grad():
+            output = loaded(features, torch.ones(features.shape[:2], dtype=torch.bool))
+        probabilities = loaded.predictions(
+            output, torch.ones(features.shape[:2], dtype=torch.bool)
+        )[0]
+        assert float(row["prob_positive"]) == pytest.approx(float(probabilities[1]), rel=1e-5)
+        assert row["prediction"] == loaded.class_names[int(probabilities.argmax())]
+        with h5py.File(run / "predictions" / f"{row['slide_id']}.h5") as file:
+            assert bool(file.attrs["complete"]) and file.attrs["slide_id"] == row["slide_id"]
+            assert file.attrs["target"] == row["target"] and file.attrs["task"] == "classification"
+            assert file.attrs["label_names"] == '["negative", "positive"]'
+            assert np.array_equal(file["coords"][()], bag.coords)
+            assert np.allclose(file["attention"][()], output.attention[0].numpy(), atol=1e-6)
+            assert np.allclose(file["scores"][()], output.tile_scores[0].numpy(), atol=1e-5)
+            assert np.allclose(file.attrs["probabilities"], probabilities.numpy(), atol=1e-6)
+
+
+def test_bad_labels_fail_before_training_with_every_row(
+    cohort: WitnessCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\nslide_0000,positive\nmissing_slide,negative\nslide_0001,\n")
+    options = _options(cohort, tmp_path, "abmil")
+    options[options.index("--data.labels_csv") + 1] = str(labels)
+    assert run_lightning(["fit", *options]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("milkit fit: error:")
+    assert "line 3: slide 'missing_slide' has no feature file" in error
+    assert "line 4: slide 'slide_0001': missing target" in error
+    assert not (tmp_path / "lightning_logs").exists()  # nothing trained

@@ -1,0 +1,119 @@
+"""``milkit cv``: K folds x R repeats, a summary of every metric, deterministic given the seed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from milkit.data.synthetic import WitnessCohort, write_witness_cohort
+from milkit.training.cv import format_table, main, summarize
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: intra-op threads only add contention on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> WitnessCohort:
+    return write_witness_cohort(
+        tmp_path_factory.mktemp("cohort"), n_bags=24, n_tiles=(6, 10), feature_dim=8,
+        slides_per_patient=2, shift=4.0,
+    )  # fmt: skip
+
+
+def _cv(cohort: WitnessCohort, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "--config", str(CONFIGS / "experiments" / "abmil.yaml"),
+            "--data.features_dir", str(cohort.features_dir),
+            "--data.labels_csv", str(cohort.labels_csv),
+            "--data.num_workers", "0",
+            "--model.model.init_args.hidden_dim", "16",
+            "--trainer.max_epochs", "3",
+            "--seed", "3",
+            "--out", str(out),
+            *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_cv_writes_per_fold_values_and_statistics(
+    cohort: WitnessCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cv"
+    assert _cv(cohort, out, "--folds", "3", "--repeats", "2") == 0
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert (summary["folds"], summary["repeats"], summary["seed"]) == (3, 2, 3)
+    assert [(run["repeat"], run["fold"]) for run in summary["runs"]] == [
+        (r, k) for r in range(2) for k in range(3)
+    ]
+    for name in ("auroc", "accuracy", "balanced_accuracy", "f1", "auroc/positive", "loss"):
+        stats = summary["metrics"][name]
+        values = np.array(stats["values"], dtype=float)
+        assert len(values) == 6 and stats["n"] == 6
+        assert stats["mean"] == pytest.approx(values.mean())
+        assert stats["sd"] == pytest.approx(values.std(ddof=1))
+        assert stats["sem"] == pytest.approx(values.std(ddof=1) / math.sqrt(6))
+    for repeat in range(2):
+        predicted = []
+        for fold in range(3):
+            run_dir = out / f"repeat{repeat}" / f"fold{fold}"
+            assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+            with open(run_dir / "predictions.csv", newline="") as handle:
+                ids = [row["slide_id"] for row in csv.DictReader(handle)]
+            assert sorted(p.stem for p in (run_dir / "predictions").glob("*.h5")) == ids
+            predicted += ids
+        assert sorted(predicted) == sorted(cohort.labels)  # every slide held out once per repeat
+    table = (out / "cv_summary.md").read_text()
+    assert "| auroc |" in table and table.strip() in capsys.readouterr().out
+
+    again = tmp_path / "again"
+    assert _cv(cohort, again, "--folds", "3", "--repeats", "1") == 0
+    repeated = json.loads((again / "cv_summary.json").read_text())
+    for name, stats in repeated["metrics"].items():
+        assert stats["values"] == summary["metrics"][name]["values"][:3], name
+
+
+def test_cv_refuses_a_used_folder_and_a_split_column(
+    cohort: WitnessCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "old.txt").write_text("x")
+    assert _cv(cohort, tmp_path / "used") == 2
+    assert "is not empty; choose a new --out" in capsys.readouterr().err
+    labels = tmp_path / "split.csv"
+    rows = cohort.labels_csv.read_text().splitlines()
+    labels.write_text("\n".join([rows[0] + ",split"] + [r + ",train" for r in rows[1:]]) + "\n")
+    assert _cv(cohort, tmp_path / "new", "--data.labels_csv", str(labels)) == 2
+    assert "has a split column" in capsys.readouterr().err
+
+
+def test_summary_statistics_skip_undefined_values() -> None:
+    runs = [{"metrics": {"auroc": 0.5, "r2": None}}, {"metrics": {"auroc": 1.0, "r2": 0.2}}]
+    summary = summarize(runs, folds=2, repeats=1, seed=0)
+    assert summary["metrics"]["auroc"]["mean"] == 0.75
+    assert summary["metrics"]["auroc"]["sd"] == pytest.approx(math.sqrt(0.125))
+    assert summary["metrics"]["r2"] == {
+        "values": [None, 0.2],
+        "mean": 0.2,
+        "sd": None,
+        "sem": None,
+        "n": 1,
+    }
+    table = format_table(summary)
+    assert "| auroc | 0.7500 ± 0.3536 | 0.2500 | 0.5000 | 1.0000 | 2 |" in table
+    assert "| r2 | 0.2000 | - | 0.2000 | 0.2000 | 1 |" in table
