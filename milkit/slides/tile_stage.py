@@ -35,10 +35,11 @@ from milkit.slides.reader import open_slide, slide_id_from_path
 from milkit.slides.tiling import DEFAULT_MPP_TOLERANCE, plan_tile_spec
 from milkit.slides.tissue import detect_tissue, grid_coords, tissue_fraction_grid
 
-#: Tissue is detected at about this resolution: fine enough for tiles of 50 µm, coarse enough
-#: that the thumbnail of a 20 x 15 mm section stays a few megapixels.
+#: Tissue is detected at about this resolution (fine enough for tiles of 50 µm), on a thumbnail of
+#: at most this side, so memory stays bounded (~0.3 GB) however large the slide: a 20 x 15 mm
+#: section is then seen at ~10 µm/px, still a dozen mask pixels per 224 px tile at 0.5 µm/px.
 THUMBNAIL_MPP = 4.0
-THUMBNAIL_MAX_SIZE_PX = 4096
+THUMBNAIL_MAX_SIZE_PX = 2048
 
 
 @dataclass(frozen=True)
