@@ -7,6 +7,11 @@ for itself on first use (never pickled into DataLoader workers) and keeps open. 
 their stored dtype (float16 halves the bytes moved); the training module casts them on its
 device. ``store.py`` has no such cheap per-item reader, so it lives here; files that need a
 conversion on read (STAMP's micron coordinates) go through :func:`milkit.features.store.read_bag`.
+
+A *tile subset* (e.g. the tumour bed) is a boolean ``(N,)`` dataset in the feature file, named
+by the caller; tiles outside it are left out of the bag when it is read. That is the same as
+ANDing the subset into the bag's mask (a left-out tile, like padding, gets no weight and no
+gradient), and the subset's tiles alone reach the model, the subsampling and the predictions.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from milkit.errors import FeatureFileError
 from milkit.features.store import read_bag, read_coords, read_features_dim
 
 
@@ -170,6 +176,44 @@ class _OpenFiles:
         self.__init__(state["max_open"])
 
 
+def read_tile_subset(file: h5py.File, name: str, n_tiles: int) -> np.ndarray:
+    """Read a tile-subset mask (e.g. the tumour bed) stored beside the features.
+
+    Args:
+        file: The open feature file.
+        name: Name of the subset dataset: ``(N,)`` bool, or integers 0/1.
+        n_tiles: Number of tiles N of the file.
+
+    Returns:
+        ``(N,)`` bool, True for tiles in the subset.
+
+    Raises:
+        FeatureFileError: The dataset is missing, not ``(N,)``, or holds values other than
+            booleans or 0/1.
+    """
+    path = file.filename
+    if name not in file:
+        raise FeatureFileError(
+            f"{path}: no tile-subset dataset {name!r}; add it as an (N,) boolean dataset or "
+            "leave out --data.tile_subset."
+        )
+    dataset = file[name]
+    if not isinstance(dataset, h5py.Dataset) or dataset.shape != (n_tiles,):
+        shape = getattr(dataset, "shape", "a group")
+        raise FeatureFileError(
+            f"{path}: tile subset {name!r} has shape {shape}; it needs one value per tile "
+            f"({n_tiles},)."
+        )
+    values = dataset[()]
+    if values.dtype != np.bool_ and not (
+        np.issubdtype(values.dtype, np.integer) and np.isin(values, (0, 1)).all()
+    ):
+        raise FeatureFileError(
+            f"{path}: tile subset {name!r} must hold booleans (or 0/1), got {values.dtype} values."
+        )
+    return values.astype(bool)
+
+
 class BagDataset(Dataset[BagItem]):
     """Bags of tile features, one per feature file.
 
@@ -179,6 +223,8 @@ class BagDataset(Dataset[BagItem]):
         max_tiles: In training, keep a random subset of at most this many tiles per bag
             (drawn with torch's generator, so ``seed_everything`` fixes it). None keeps all.
         training: Whether to subsample; evaluation always reads every tile.
+        tile_subset: Name of a boolean ``(N,)`` dataset in every feature file; only its
+            tiles form the bag (see the module docstring). None keeps every tile.
         max_open_files: Open file handles kept per process.
     """
 
@@ -189,6 +235,7 @@ class BagDataset(Dataset[BagItem]):
         *,
         max_tiles: int | None = None,
         training: bool = False,
+        tile_subset: str | None = None,
         max_open_files: int = 128,
     ) -> None:
         if targets is not None and len(targets) != len(bags):
@@ -197,6 +244,7 @@ class BagDataset(Dataset[BagItem]):
         self.targets = list(targets) if targets is not None else None
         self.max_tiles = max_tiles
         self.training = training
+        self.tile_subset = tile_subset
         self._files = _OpenFiles(max_open_files)
 
     def __len__(self) -> int:
@@ -218,13 +266,27 @@ class BagDataset(Dataset[BagItem]):
         )
 
     def _read(self, info: BagInfo) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, D)`` features (stored dtype) and ``(N, 2)`` coords of one file."""
-        if not info.direct:
+        """``(n, D)`` features (stored dtype) and ``(n, 2)`` coords of one file's tiles (of
+        its tile subset, when one is set)."""
+        if info.direct:
+            features_dataset, coords_dataset = self._files.get(info.path)
+            # Some CLAM versions write (1, N, D); store.py accepts it, so read it too.
+            features = features_dataset[0] if features_dataset.ndim == 3 else features_dataset[()]
+            coords = coords_dataset[()]
+        else:
             bag = read_bag(info.path)
-            return bag.features, np.rint(bag.coords).astype(np.int64)
-        features, coords = self._files.get(info.path)
-        # Some CLAM versions write (1, N, D); store.py accepts it, so read it too.
-        return (features[0] if features.ndim == 3 else features[()]), coords[()]
+            features, coords = bag.features, np.rint(bag.coords).astype(np.int64)
+        if self.tile_subset is None:
+            return features, coords
+        keep = self._subset(info, self.tile_subset, len(coords))
+        return features[keep], coords[keep]
+
+    def _subset(self, info: BagInfo, name: str, n_tiles: int) -> np.ndarray:
+        """``(N,)`` bool tile subset of one file (through the cached handle when there is one)."""
+        if info.direct:
+            return read_tile_subset(self._files.get(info.path)[1].file, name, n_tiles)
+        with h5py.File(info.path, "r") as file:
+            return read_tile_subset(file, name, n_tiles)
 
 
 def collate_bags(items: Sequence[BagItem]) -> BagBatch:

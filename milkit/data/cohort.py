@@ -1,8 +1,9 @@
 """A cohort: the labels CSV joined with its feature files, checked as a whole before training.
 
 Problems are collected across both (a slide without a feature file, an unreadable or
-unfinished file, an empty bag, feature sizes or encoders that differ between files) and
-raised together with the CSV's line numbers, so one run shows everything to fix.
+unfinished file, an empty bag, a missing or empty tile subset, feature sizes or encoders that
+differ between files) and raised together with the CSV's line numbers, so one run shows
+everything to fix.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from milkit.data.bags import BagInfo, probe_bag
+import h5py
+
+from milkit.data.bags import BagInfo, probe_bag, read_tile_subset
 from milkit.data.labels import (
     LabelTable,
     ProblemReport,
@@ -65,6 +68,7 @@ def load_cohort(
     task: TaskType = "classification",
     class_names: Sequence[str] | None = None,
     target_range: tuple[float, float] | None = None,
+    tile_subset: str | None = None,
 ) -> Cohort:
     """Read the labels, find and probe every slide's feature file, and check them together.
 
@@ -76,6 +80,8 @@ def load_cohort(
         task: ``"classification"`` or ``"regression"``.
         class_names: Classes in index order; None to take the sorted classes of the CSV.
         target_range: Inclusive bounds for regression targets.
+        tile_subset: Name of a boolean ``(N,)`` dataset every feature file must hold with at
+            least one True tile (e.g. a tumour-bed mask); None to use every tile.
 
     Returns:
         The checked cohort.
@@ -83,8 +89,9 @@ def load_cohort(
     Raises:
         LabelsError: CSV problems, slides without a feature file, or fewer than two classes;
             feature-file problems found alongside are listed in the same message.
-        FeatureFileError: Only feature-file problems (unreadable, unfinished, empty, or of
-            different feature sizes or encoders), every one listed.
+        FeatureFileError: Only feature-file problems (unreadable, unfinished, empty, a missing,
+            malformed or empty tile subset, or different feature sizes or encoders), every
+            one listed.
     """
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
@@ -124,6 +131,8 @@ def load_cohort(
             continue
         if info.n_tiles == 0:
             problems.add(row.line, f"slide {row.slide_id!r}: empty bag, {path} has no tiles")
+        elif tile_subset is not None:
+            _check_tile_subset(row, info, tile_subset, problems)
         bags.append(info)
     found = [(row, info) for row, info in zip(rows, bags, strict=True) if info is not None]
     feature_dim = _check_shared(found, "feature_dim", "feature size", problems)
@@ -166,6 +175,22 @@ def _check_shared(
                 f"{counts[common]} other file(s) ({info.path})",
             )
     return common
+
+
+def _check_tile_subset(row: SlideLabel, info: BagInfo, name: str, problems: ProblemReport) -> None:
+    """Record a problem if the file's tile subset is missing, malformed or selects no tile."""
+    try:
+        with h5py.File(info.path, "r") as file:
+            selected = int(read_tile_subset(file, name, info.n_tiles).sum())
+    except FeatureFileError as error:
+        problems.add(row.line, f"slide {row.slide_id!r}: {error}")
+        return
+    if selected == 0:
+        problems.add(
+            row.line,
+            f"slide {row.slide_id!r}: tile subset {name!r} selects none of its {info.n_tiles} "
+            f"tiles ({info.path}); fix the mask or leave the slide out",
+        )
 
 
 def _class_names(

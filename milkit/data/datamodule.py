@@ -46,6 +46,7 @@ class MILDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         balance: Balance = "none",
         target_scale: float = 1.0,
+        tile_subset: str | None = None,
         predict_split: SplitName = "all",
     ) -> None:
         """Configure the data.
@@ -72,6 +73,9 @@ class MILDataModule(pl.LightningDataModule):
                 with replacement, classes equally often).
             target_scale: Regression targets lie in ``[0, target_scale]`` and are learnt as
                 ``target / target_scale`` (e.g. 100 for percentages).
+            tile_subset: Name of a boolean ``(N,)`` dataset in every feature file (e.g. a
+                tumour-bed mask, ``tumor_bed``): only its tiles form each bag, in training,
+                evaluation and prediction. None uses every tile.
             predict_split: Which slides ``predict`` runs on: ``"all"`` or one part.
         """
         super().__init__()
@@ -96,6 +100,7 @@ class MILDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.balance = balance
         self.target_scale = target_scale
+        self.tile_subset = tile_subset
         self.predict_split = predict_split
         self._cohort: Cohort | None = None
         self._split: Split | None = None
@@ -112,6 +117,7 @@ class MILDataModule(pl.LightningDataModule):
                 task=self.task,
                 class_names=self.given_class_names,
                 target_range=(0.0, self.target_scale) if self.task == "regression" else None,
+                tile_subset=self.tile_subset,
             )
         return self._cohort
 
@@ -247,6 +253,7 @@ class MILDataModule(pl.LightningDataModule):
             [targets[i] for i in rows] if targets is not None else None,
             max_tiles=self.max_tiles,
             training=part == "train",
+            tile_subset=self.tile_subset,
         )
 
     def _check_training_classes(self) -> None:

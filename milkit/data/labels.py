@@ -258,7 +258,11 @@ def _target(
 ) -> str | float | None | _Bad:
     value = _cell(raw)
     if value is None:
-        return _Bad("missing target") if required else None
+        if not required:
+            return None
+        # Name the placeholder (NaN, NA, ...) so that a user sees why a filled cell is missing.
+        given = (raw or "").strip()
+        return _Bad(f"missing target ({given!r} reads as no value)" if given else "missing target")
     if task == "classification":
         if allowed is not None and value not in allowed:
             return _Bad(f"class {value!r} is not one of {sorted(allowed)}")
@@ -270,7 +274,10 @@ def _target(
     if not math.isfinite(number):
         return _Bad(f"target {value!r} is not finite")
     if value_range is not None and not value_range[0] <= number <= value_range[1]:
-        return _Bad(f"target {number:g} is outside [{value_range[0]:g}, {value_range[1]:g}]")
+        return _Bad(
+            f"target {number:g} is outside [{value_range[0]:g}, {value_range[1]:g}] (set "
+            "--data.target_scale to the top of the target's range)"
+        )
     return number
 
 

@@ -4,10 +4,15 @@
 (with the feature file's ``coords`` attributes, e.g. ``patch_size_level0``), ``attention``
 (N,) or (N, H), ``scores`` (N,) or (N, C) (the model's tile scores, when it has them), and
 root attributes: ``slide_id``, ``prediction``, ``target`` (when known), ``probabilities``,
-``label_names`` (JSON), ``task``, ``target_name``, ``target_scale`` (regression), ``encoder``,
-``feature_file``, ``slide_path`` and ``tile_spec`` (when the feature file records them),
-``milkit_version`` and ``complete``. Files are written to ``.tmp`` and renamed, so a
-half-written file is never taken for a result. Under DDP each slide is predicted (and written)
+``label_names`` (JSON), ``task``, ``target_name``, ``target_scale`` and ``target_units``
+(regression), ``encoder``, ``feature_file``, ``slide_path`` and ``tile_spec`` (when the feature
+file records them), ``milkit_version`` and ``complete``. Files are written to ``.tmp`` and
+renamed, so a half-written file is never taken for a result.
+
+Regression files keep the model's own scale: ``scores`` are the tile scores s_i in [0, 1] and
+the ``prediction`` and ``target`` attributes are divided by ``target_scale`` likewise, so one
+factor, ``target_scale``, turns every number of the file into the target's units (what
+:mod:`milkit.heatmaps` does to show e.g. % TILs). ``predictions.csv`` holds the target's units. Under DDP each slide is predicted (and written)
 by exactly one rank; rank 0 writes the CSV of all ranks.
 """
 
@@ -67,8 +72,10 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         folder = self.resolved_dir(trainer) / PREDICTIONS_DIR
         folder.mkdir(parents=True, exist_ok=True)
+        module_attrs = _module_attrs(pl_module)
         for slide in prediction:
-            write_prediction_file(folder / f"{slide.slide_id}.h5", slide, _module_attrs(pl_module))
+            attrs = {**module_attrs, **_unit_scale_values(slide, pl_module)}
+            write_prediction_file(folder / f"{slide.slide_id}.h5", slide, attrs)
             self._rows.append(_csv_row(slide, getattr(pl_module, "class_names", None)))
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -157,7 +164,19 @@ def _module_attrs(module: pl.LightningModule) -> dict[str, Any]:
         "label_names": json.dumps(module.class_names) if module.class_names else None,
         "target_name": module.target_name,
         "target_scale": module.target_scale if module.task == "regression" else None,
+        "target_units": module.target_units if module.task == "regression" else None,
         "encoder": module.encoder,
+    }
+
+
+def _unit_scale_values(slide: SlidePrediction, module: pl.LightningModule) -> dict[str, Any]:
+    """A regression slide's ``prediction``/``target`` on the scale of its tile scores."""
+    if not isinstance(module, MILModule) or module.task != "regression":
+        return {}
+    scale = module.target_scale
+    return {
+        "prediction": float(slide.prediction) / scale,
+        "target": float(slide.target) / scale if slide.target is not None else None,
     }
 
 

@@ -12,6 +12,7 @@ model's value in [0, 1] and ``target / target_scale``; predictions are reported 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,7 @@ class MILModule(pl.LightningModule):
         encoder: str | None = None,
         target_name: str | None = None,
         target_scale: float = 1.0,
+        target_units: str | None = None,
         instance_loss_weight: float | None = None,
         regression_cutoff: float | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -97,6 +99,8 @@ class MILModule(pl.LightningModule):
             encoder: Id of the encoder that made the features (from the files; recorded).
             target_name: Name of the target (the labels CSV's column; recorded).
             target_scale: Regression targets are learnt as ``target / target_scale``.
+            target_units: Units of the regression target, e.g. ``"% TILs"`` (recorded in
+                checkpoints and prediction files, shown on heatmaps).
             instance_loss_weight: Weight w of the critical-instance loss; None for 0.5 with
                 DSMIL and 0 otherwise.
             regression_cutoff: Target threshold of the high-vs-low AUROC (regression).
@@ -121,6 +125,7 @@ class MILModule(pl.LightningModule):
         self.encoder = encoder
         self.target_name = target_name
         self.target_scale = target_scale
+        self.target_units = target_units
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.scheduler_monitor = scheduler_monitor
@@ -270,7 +275,10 @@ class MILModule(pl.LightningModule):
         hparams = checkpoint.get("hyper_parameters")
         if hparams:
             # A module built in Python (not from YAML) holds objects here; they are not data.
-            checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if _is_plain(v)}
+            hparams = {k: v for k, v in hparams.items() if _is_plain(v)}
+            if isinstance(hparams.get("model"), dict):
+                hparams["model"] = _accepted_init_args(hparams["model"], type(self.model))
+            checkpoint["hyper_parameters"] = hparams
         checkpoint[CHECKPOINT_KEY] = {
             "milkit_version": milkit.__version__,
             "task": self.task,
@@ -279,6 +287,7 @@ class MILModule(pl.LightningModule):
             "encoder": self.encoder,
             "target_name": self.target_name,
             "target_scale": self.target_scale,
+            "target_units": self.target_units,
             "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
         }
 
@@ -325,6 +334,21 @@ class MILModule(pl.LightningModule):
             return float(value)
         index = int(np.argmax(value)) if isinstance(value, np.ndarray) else int(value)
         return self.class_names[index]
+
+
+def _accepted_init_args(config: dict[str, Any], model_class: type) -> dict[str, Any]:
+    """A model's ``class_path``/``init_args`` without arguments its class does not take.
+
+    The data links fill ``n_classes`` into every model's config, and a regressor has none;
+    left in the checkpoint, it would make ``--ckpt_path`` fail to parse.
+    """
+    init_args = config.get("init_args")
+    parameters = inspect.signature(model_class).parameters
+    if not isinstance(init_args, dict) or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    ):
+        return config
+    return {**config, "init_args": {k: v for k, v in init_args.items() if k in parameters}}
 
 
 def _is_plain(value: Any) -> bool:
