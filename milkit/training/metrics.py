@@ -87,6 +87,16 @@ class CutoffAUROC(BinaryAUROC):
         super().update(scores, (target > self.cutoff).long())
 
 
+class SafeR2Score(R2Score):
+    """R² that is NaN, not an error, on fewer than two slides (a tiny validation part)."""
+
+    def compute(self) -> torch.Tensor:
+        """R² over the slides seen, or NaN when there are fewer than two."""
+        if int(self.total) < 2:
+            return torch.tensor(float("nan"))
+        return super().compute()
+
+
 def regression_metrics(
     prefix: str, cutoff: float | None = None, scale: float = 1.0
 ) -> MetricCollection:
@@ -103,7 +113,7 @@ def regression_metrics(
     metrics = {
         "mse": MeanSquaredError(),
         "mae": MeanAbsoluteError(),
-        "r2": R2Score(),
+        "r2": SafeR2Score(),
         "pearson": PearsonCorrCoef(),
         "spearman": SpearmanCorrCoef(),
     }
