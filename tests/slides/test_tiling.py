@@ -63,7 +63,9 @@ def test_no_matching_level_reads_finer_level_and_downsamples() -> None:
     assert spec.read_size_px == 448 and spec.needs_resize
     assert spec.tile_size_level0 == 448
     # The physical side of a tile is tile_size_px * effective_mpp, whatever level is read.
-    assert spec.tile_size_level0 * spec.slide_mpp == pytest.approx(spec.tile_size_px * spec.effective_mpp)
+    assert spec.tile_size_level0 * spec.slide_mpp == pytest.approx(
+        spec.tile_size_px * spec.effective_mpp
+    )
 
 
 def test_coarser_exact_level_is_preferred() -> None:
