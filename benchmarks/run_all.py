@@ -1,0 +1,88 @@
+"""Run every stage benchmark and write ``benchmarks/results.md`` with the machine they ran on.
+
+    python benchmarks/run_all.py [--skip pretrain_small] [--out benchmarks/results.md]
+
+Each script prints figures as ratios to a reference measured in the same run (model-only
+throughput for extraction, raw h5py reads for training data loading, thumbnail reads for
+heatmaps, full attention for GDAT). This script only runs them and collects their output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+#: In the order a slide travels through milkit.
+SCRIPTS = ("tiling", "extract", "train_loading", "heatmap", "gdat_scaling", "pretrain_small")
+
+
+def machine() -> str:
+    """One line describing this machine: CPU, cores, memory, accelerator, torch."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))  # fmt: skip
+    except (OSError, StopIteration):
+        pass
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {gpu}, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=SCRIPTS, help="benchmarks to leave out"
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "results.md")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per benchmark")
+    args = parser.parse_args()
+
+    sections = [
+        "# milkit benchmarks",
+        "",
+        f"{datetime.date.today().isoformat()}, {machine()}",
+        "",
+        "Written by `python benchmarks/run_all.py`; each figure is measured against its reference in the same run.",
+    ]
+    started = time.perf_counter()
+    for name in SCRIPTS:
+        if name in args.skip:
+            continue
+        print(f"== {name} ==", flush=True)
+        begin = time.perf_counter()
+        try:
+            run = subprocess.run([sys.executable, str(HERE / f"{name}.py")], capture_output=True, text=True,
+                                 timeout=args.timeout)  # fmt: skip
+            output = (
+                run.stdout.strip()
+                if run.returncode == 0
+                else f"FAILED ({run.returncode}):\n{run.stderr[-2000:]}"
+            )
+        except subprocess.TimeoutExpired:
+            output = f"TIMED OUT after {args.timeout} s"
+        print(output, flush=True)
+        sections += [
+            "",
+            f"## {name} ({time.perf_counter() - begin:.0f} s)",
+            "",
+            "```",
+            output,
+            "```",
+        ]
+    sections += ["", f"Total: {time.perf_counter() - started:.0f} s."]
+    args.out.write_text("\n".join(sections) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
