@@ -217,7 +217,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, seed: int = 0) -> DemoReport
         run = runs / "continual_owlora"
         results_path = run / continual_cli.RESULTS_JSON
         if not results_path.exists():
-            argv = ["--config", str(configs / "continual" / "gdat_owlora.yaml"), "--data.features_dir", str(features_dir),
+            argv = ["--config", str(configs / "continual" / "gdat_small_cpu.yaml"), "--data.features_dir", str(features_dir),
                     "--data.labels_csv", str(labels_csv), "--strategy", "owlora", "--seed", str(seed), "--out", str(run), "--data.shared_labels", "true",
                     "--trainer.max_epochs", str(plan.max_epochs)]  # fmt: skip
             if continual_cli.main(argv) != 0:
