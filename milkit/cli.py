@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from milkit import __version__
 from milkit.errors import MilkitError
@@ -104,6 +105,27 @@ def _add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
     # fmt: skip
 
 
+def _tiling_job(
+    args: argparse.Namespace,
+) -> tuple[Any, list[Path], tuple[int, int], dict[str, float] | None]:
+    """Tiling options, this shard's slides, the shard and per-slide mpps from ``tile``/``preprocess`` args."""
+    from milkit.batch import find_slides, parse_shard, take_shard
+    from milkit.slides.tile_stage import TilingOptions, read_mpp_csv
+
+    options = TilingOptions(
+        target_mpp=args.mpp,
+        tile_size_px=args.tile_size,
+        overlap_px=args.overlap,
+        min_tissue=args.min_tissue,
+        mpp_tolerance=args.mpp_tolerance,
+        slide_mpp=args.slide_mpp,
+    )
+    shard = parse_shard(args.shard)
+    slides = take_shard(find_slides(args.slides_dir, recursive=not args.no_recursive), *shard)
+    mpp_by_slide = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
+    return options, slides, shard, mpp_by_slide
+
+
 def _add_tile(subparsers: argparse._SubParsersAction) -> None:
     from milkit.slides.tile_stage import default_workers
 
@@ -123,20 +145,9 @@ def _add_tile(subparsers: argparse._SubParsersAction) -> None:
 def _run_tile(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from milkit.batch import find_slides, parse_shard, take_shard
-    from milkit.slides.tile_stage import TilingOptions, read_mpp_csv, run_tiling
+    from milkit.slides.tile_stage import run_tiling
 
-    options = TilingOptions(
-        target_mpp=args.mpp,
-        tile_size_px=args.tile_size,
-        overlap_px=args.overlap,
-        min_tissue=args.min_tissue,
-        mpp_tolerance=args.mpp_tolerance,
-        slide_mpp=args.slide_mpp,
-    )
-    shard = parse_shard(args.shard)
-    slides = take_shard(find_slides(args.slides_dir, recursive=not args.no_recursive), *shard)
-    mpp_by_slide = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
+    options, slides, shard, mpp_by_slide = _tiling_job(args)
     with tqdm(total=len(slides), desc="tile", unit="slide") as bar:
         summary, errors_path = run_tiling(
             slides, args.out_dir, options, mpp_by_slide=mpp_by_slide, workers=args.workers,
@@ -205,20 +216,11 @@ def _add_preprocess(subparsers: argparse._SubParsersAction) -> None:
 def _run_preprocess(args: argparse.Namespace) -> int:
     import torch
 
-    from milkit.batch import find_slides, parse_shard, take_shard
     from milkit.features.encoders import load_encoder
     from milkit.features.extract import ExtractionOptions
     from milkit.features.preprocess_stage import run_preprocess
-    from milkit.slides.tile_stage import TilingOptions, read_mpp_csv
 
-    tiling = TilingOptions(
-        target_mpp=args.mpp,
-        tile_size_px=args.tile_size,
-        overlap_px=args.overlap,
-        min_tissue=args.min_tissue,
-        mpp_tolerance=args.mpp_tolerance,
-        slide_mpp=args.slide_mpp,
-    )
+    tiling, slides, shard, mpp_by_slide = _tiling_job(args)
     extraction = ExtractionOptions(
         batch_size=args.batch_size,
         num_workers=args.num_workers,
@@ -229,11 +231,9 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     encoder = load_encoder(
         args.encoder, pretrained=not args.random_weights, weights_path=args.encoder_weights
     )
-    shard = parse_shard(args.shard)
-    slides = take_shard(find_slides(args.slides_dir, recursive=not args.no_recursive), *shard)
     tile_summary, feature_summary, errors_path = run_preprocess(
         slides, args.out_dir, encoder, tiling=tiling, extraction=extraction,
-        mpp_by_slide=read_mpp_csv(args.mpp_csv) if args.mpp_csv else None, device=device,
+        mpp_by_slide=mpp_by_slide, device=device,
         tiling_workers=args.tiling_workers, shard=shard, devices=args.devices, num_nodes=args.num_nodes,
     )  # fmt: skip
     print(tile_summary.format(errors_path=errors_path))
