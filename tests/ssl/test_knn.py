@@ -1,0 +1,127 @@
+"""k-NN probe: the classifier itself, and labelled tiles from synthetic ground truth."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from milkit.errors import ConfigError
+from milkit.features.encoders import load_encoder
+from milkit.slides.tile_stage import TilingOptions, tile_slide
+from milkit.slides.tiling import TileSpec
+from milkit.ssl import pretrain
+from milkit.ssl.knn import (
+    KNN_CLASSES,
+    knn_accuracy,
+    knn_by_slide,
+    knn_predict,
+    make_knn_cohort,
+    synthetic_tile_labels,
+)
+from milkit.ssl.tiles import SlideTiles
+from milkit.synth import SlideParams, load_truth, tile_truth, write_slide
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ssl"
+
+
+def test_knn_uses_cosine_similarity_of_the_nearest() -> None:
+    train = torch.tensor([[1.0, 0.0], [10.0, 0.5], [0.0, 1.0], [0.2, 5.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # scale does not matter, direction does
+    query = torch.tensor([[100.0, 1.0], [0.01, 0.02], [3.0, 2.9]])
+    assert knn_predict(train, labels, query, k=1).tolist() == [0, 1, 0]
+    assert knn_accuracy(train, labels, query, torch.tensor([0, 1, 1]), k=1) == pytest.approx(2 / 3)
+
+
+def test_knn_weighting_breaks_a_majority_of_far_neighbours() -> None:
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.05, 1.0], [-0.05, 1.0]])
+    labels = torch.tensor([0, 1, 1, 1])
+    query = torch.tensor([[1.0, 0.6]])  # closest to class 0, but three class-1 rows vote too
+    assert knn_predict(train, labels, query, k=4, temperature=None).item() == 1
+    assert knn_predict(train, labels, query, k=4, temperature=0.07).item() == 0
+    # k larger than the training set uses all of it
+    assert knn_predict(train, labels, query, k=50, temperature=None).item() == 1
+
+
+def test_knn_rejects_bad_input() -> None:
+    with pytest.raises(ConfigError, match="k=0"):
+        knn_predict(torch.ones(2, 3), torch.zeros(2), torch.ones(1, 3), k=0)
+    with pytest.raises(ConfigError, match="one label per row"):
+        knn_predict(torch.ones(2, 3), torch.zeros(3), torch.ones(1, 3))
+    with pytest.raises(ConfigError, match="feature sizes differ"):
+        knn_predict(torch.ones(2, 3), torch.zeros(2), torch.ones(1, 4))
+
+
+def test_synthetic_labels_agree_with_the_truth(tmp_path: Path) -> None:
+    info = write_slide(
+        tmp_path / "slides" / "s.svs",
+        SlideParams(seed=5, tumor=True, tumor_fraction=0.3, aggregates=True, artefacts=False),
+        mpp=1.0,
+        size_px=(768, 768),
+        truth_path=tmp_path / "truth" / "s.h5",
+    )
+    tile_slide(info.slide_path, tmp_path / "tiles", TilingOptions(target_mpp=1.0, tile_size_px=64))
+    [(tiles, labels)] = synthetic_tile_labels(
+        tmp_path / "tiles" / "coords", tmp_path / "truth", max_per_class=5, min_purity=0.6
+    )
+    counts = np.bincount(labels, minlength=len(KNN_CLASSES))
+    assert counts.max() <= 5 and counts[0] == 5 and counts[1] > 0  # glass and stroma abound
+    fractions = tile_truth(
+        load_truth(tmp_path / "truth" / "s.h5"), tiles.coords_level0, 64
+    ).class_fractions
+    for label, value in enumerate(KNN_CLASSES):
+        rows = fractions[labels == label]
+        threshold = 1.0 if label == 0 else 0.6  # background tiles lie wholly on glass
+        assert (rows[:, value] >= threshold - 1e-6).all()
+    assert len({tuple(xy) for xy in tiles.coords_level0}) == len(labels)
+
+
+def test_knn_by_slide_needs_every_class_on_both_sides(tmp_path: Path) -> None:
+    spec = TileSpec(1.0, 8, 0, 0, 1.0, 8, 8, 8, 1.0, 1.0)
+    tiles = SlideTiles("s", tmp_path / "s.svs", spec, np.zeros((3, 2), np.int64))
+    encoder = load_encoder("vit_tiny_patch16_224", pretrained=False, device="meta")
+    with pytest.raises(
+        ConfigError, match=r"the train slides lack a tissue class \(counts \[1, 1, 1, 0\]"
+    ):
+        knn_by_slide(encoder, [(tiles, np.array([0, 1, 2]))])
+
+
+@pytest.mark.slow
+def test_small_recipe_beats_random_init_on_held_out_slides(tmp_path: Path) -> None:
+    """Issue #7 acceptance: the tiny CPU recipe, then k-NN on tiles of known tissue class."""
+    coords = make_knn_cohort(tmp_path / "cohort", n_slides=12, size_px=2048)
+    run = tmp_path / "run"
+    logger = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(run)},
+    }
+    argv = [
+        "--config", str(CONFIGS / "dino_tiny_cpu.yaml"),
+        "--data.slides_dir", str(tmp_path / "cohort" / "slides"),
+        "--data.coords_dir", str(coords),
+        "--out", str(run),
+        "--trainer.logger", json.dumps(logger),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    assert pretrain.main(argv) == 0
+
+    labelled = synthetic_tile_labels(coords, tmp_path / "cohort" / "truth")
+    encoder_id = f"local-dir:{run / 'encoder'}"
+    random = knn_by_slide(load_encoder(encoder_id, pretrained=False), labelled)
+    trained = knn_by_slide(load_encoder(encoder_id), labelled)
+    print(f"k-NN accuracy: random init {random.accuracy:.3f}, pretrained {trained.accuracy:.3f}")
+    assert trained.n_test >= 20
+    assert trained.accuracy >= random.accuracy + 0.10
+
+    with next(run.rglob("metrics.csv")).open() as handle:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(handle) if r["train/loss"]]
+    quarter = len(losses) // 4
+    assert np.mean(losses[-quarter:]) < np.mean(losses[:quarter])
+    # no collapse: unit embeddings keep spreading over the dimensions (~1/sqrt(D) when healthy)
+    dim = load_encoder(encoder_id).embed_dim
+    assert trained.embed_std > 0.25 / np.sqrt(dim)
