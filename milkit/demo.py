@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from milkit.batch import find_slides
 from milkit.errors import MilkitError
@@ -168,6 +169,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, seed: int = 0) -> DemoReport
 
     def preprocess() -> None:
         slides = find_slides(cohort_dir / "slides")
+        torch.manual_seed(seed)  # the random encoder, and so the features, follow the seed
         encoder = load_encoder(plan.encoder, pretrained=False)
         tile_summary, feature_summary, errors = run_preprocess(
             slides, pre_dir, encoder,
