@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 from milkit.features.encoders import load_encoder
-from milkit.ssl import pretrain
-from milkit.ssl.knn import knn_by_slide, make_knn_cohort, synthetic_tile_labels
+from milkit.ssl import pretrain as pretrain_cli
+from milkit.ssl.knn import KnnResult, knn_by_slide, make_knn_cohort, synthetic_tile_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ssl" / "dino_tiny_cpu.yaml"
@@ -39,44 +40,89 @@ def loss_trend(metrics_csv: Path) -> tuple[float, float]:
     return sum(losses[:quarter]) / quarter, sum(losses[-quarter:]) / quarter
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "pretrain")
-    parser.add_argument("--n-slides", type=int, default=12)
-    parser.add_argument("--size-px", type=int, default=2048)
-    parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's")
-    args = parser.parse_args()
+def pretrain(config: Path, cohort: Path, coords: Path, run: Path, overrides: list[str]) -> float:
+    """``milkit pretrain`` of one recipe into ``run`` (CSV-logged); returns its wall seconds.
 
-    shutil.rmtree(args.work, ignore_errors=True)
-    started = time.perf_counter()
-    coords = make_knn_cohort(args.work / "cohort", n_slides=args.n_slides, size_px=args.size_px)
-    cohort_s = time.perf_counter() - started
-
-    run = args.work / "run"
+    Args:
+        config: The recipe (YAML).
+        cohort: The `make_knn_cohort` folder (``slides/`` inside).
+        coords: Its coordinate folder.
+        run: The run folder (``encoder/`` is written inside).
+        overrides: ``KEY=VALUE`` recipe overrides, e.g. ``trainer.max_steps=400``.
+    """
     logger = {
         "class_path": "lightning.pytorch.loggers.CSVLogger",
         "init_args": {"save_dir": str(run)},
     }
     argv = [
-        "--config", str(CONFIG),
-        "--data.slides_dir", str(args.work / "cohort" / "slides"),
+        "--config", str(config),
+        "--data.slides_dir", str(cohort / "slides"),
         "--data.coords_dir", str(coords),
         "--out", str(run),
         "--trainer.logger", json.dumps(logger),
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
+    for override in overrides:
+        key, _, value = override.partition("=")
+        argv += [f"--{key}", value]
+    started = time.perf_counter()
+    if pretrain_cli.main(argv) != 0:
+        raise SystemExit(f"pretraining failed: {run}")
+    return time.perf_counter() - started
+
+
+def knn_scores(run: Path, labelled: list) -> tuple[KnnResult, KnnResult]:
+    """k-NN results of the exported teacher and of its architecture at random initialisation."""
+    encoder_id = f"local-dir:{run / 'encoder'}"
+    random = knn_by_slide(load_encoder(encoder_id, pretrained=False), labelled)
+    return random, knn_by_slide(load_encoder(encoder_id), labelled)
+
+
+def cohort_options(parser: argparse.ArgumentParser) -> None:
+    """The options that shape the synthetic cohort (shared with ``pretrain_sweep.py``)."""
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "pretrain")
+    parser.add_argument("--n-slides", type=int, default=12)
+    parser.add_argument("--size-px", type=int, default=2048)
+    parser.add_argument("--mpp", type=float, default=1.0, help="scan and tiling resolution")
+    parser.add_argument("--tile-size-px", type=int, default=64)
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the DINO recipe")
+
+
+def build_cohort(args: argparse.Namespace) -> Path:
+    """A fresh `make_knn_cohort` in ``args.work / "cohort"``; returns its coordinate folder."""
+    shutil.rmtree(args.work, ignore_errors=True)
+    return make_knn_cohort(
+        args.work / "cohort",
+        n_slides=args.n_slides,
+        size_px=args.size_px,
+        mpp=args.mpp,
+        tile_size_px=args.tile_size_px,
+        workers=os.cpu_count() or 1,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cohort_options(parser)
+    parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="more recipe overrides"
+    )
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    coords = build_cohort(args)
+    cohort_s = time.perf_counter() - started
+
+    run = args.work / "run"
+    overrides = list(args.set)
     if args.max_steps is not None:
-        argv += ["--trainer.max_steps", str(args.max_steps)]
-    pretrain_started = time.perf_counter()
-    if pretrain.main(argv) != 0:
-        raise SystemExit("pretraining failed")
-    pretrain_s = time.perf_counter() - pretrain_started
+        overrides.append(f"trainer.max_steps={args.max_steps}")
+    pretrain_s = pretrain(args.config, args.work / "cohort", coords, run, overrides)
 
     knn_started = time.perf_counter()
     labelled = synthetic_tile_labels(coords, args.work / "cohort" / "truth")
-    encoder_id = f"local-dir:{run / 'encoder'}"
-    random = knn_by_slide(load_encoder(encoder_id, pretrained=False), labelled)
-    trained = knn_by_slide(load_encoder(encoder_id), labelled)
+    random, trained = knn_scores(run, labelled)
     knn_s = time.perf_counter() - knn_started
     total_s = time.perf_counter() - started
 

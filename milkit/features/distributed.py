@@ -50,8 +50,9 @@ class FeatureExtractionModule(L.LightningModule):
 
     def __init__(self, encoder: Encoder, options: ExtractionOptions) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.encoder_model = encoder.model  # registered so Lightning moves it to the device
+        self.encoder = (
+            encoder  # a submodule: Lightning moves it (weights and buffers) to the device
+        )
         self.options = options
 
     def transfer_batch_to_device(

@@ -105,7 +105,7 @@ class TileDataset(Dataset[dict[str, Any]]):
             tile = read_tile(self._open(), self.spec, (x, y))
             return {
                 "index": index,
-                "tile": torch.from_numpy(np.ascontiguousarray(tile)),
+                "tile": torch.from_numpy(np.require(tile, requirements=["C", "W"])),
                 "error": "",
             }
         except SlideReadError as exc:
@@ -171,7 +171,7 @@ def iterate_features(
         prefetch_factor=4 if options.num_workers > 0 else None,
     )
     cast = autocast_dtype(device, options.precision)
-    model = encoder.model.to(device).eval()
+    model = encoder.to(device).eval()  # the whole Encoder: its pooling and its mean/std buffers
     for batch in loader:
         errors: list[str] = list(batch["error"])
         indices = batch["index"].numpy()

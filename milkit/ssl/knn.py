@@ -117,17 +117,26 @@ def knn_accuracy(
     return float((predicted == test_labels.long()).float().mean())
 
 
-def embed_tiles(encoder: Encoder, slides: Sequence[SlideTiles], *, batch_size: int = 64) -> Tensor:
+def embed_tiles(
+    encoder: Encoder,
+    slides: Sequence[SlideTiles],
+    *,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+) -> Tensor:
     """Embed tiles with a feature extractor, the way ``milkit preprocess`` does.
 
     Args:
         encoder: The encoder (its own resize and normalisation are applied).
         slides: Tiles to embed.
         batch_size: Tiles per forward pass.
+        device: Where the encoder runs (default: the first GPU if there is one, else the CPU).
 
     Returns:
         ``(sum of tiles, D)`` float32 features, slides in order.
     """
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     options = ExtractionOptions(batch_size=batch_size, num_workers=0, precision="fp32")
     rows = []
     for slide in slides:
@@ -138,9 +147,7 @@ def embed_tiles(encoder: Encoder, slides: Sequence[SlideTiles], *, batch_size: i
             slide_mpp=slide.tile_spec.slide_mpp,
         )
         features = np.zeros((len(dataset), encoder.embed_dim), dtype=np.float32)
-        for index, batch, _ in iterate_features(
-            dataset, encoder, device=torch.device("cpu"), options=options
-        ):
+        for index, batch, _ in iterate_features(dataset, encoder, device=device, options=options):
             features[index] = batch
         rows.append(torch.from_numpy(features))
     return torch.cat(rows)

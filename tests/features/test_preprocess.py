@@ -49,9 +49,35 @@ def preprocess(slides: Path, out: Path, encoder: Encoder, **kwargs) -> tuple:
     )  # fmt: skip
 
 
-def test_pipeline_features_equal_the_model_on_hand_read_tiles(slides: Path, tmp_path: Path) -> None:
-    encoder = tiny_encoder()
-    _, summary, _ = preprocess(slides, tmp_path, encoder)
+def cls_mean_encoder() -> Encoder:
+    """test_vit's network read out as Virchow2 is: class token ++ mean of the patch tokens."""
+    base = tiny_encoder()
+    return Encoder(
+        base.model, name="test_vit_cls_mean", architecture=base.architecture,
+        input_size=base.input_size, mean=base.mean, std=base.std,
+        interpolation=base.interpolation, pooling="cls+mean", pretrained=False,
+    )  # fmt: skip
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make_encoder", [tiny_encoder, cls_mean_encoder])
+def test_pipeline_features_equal_the_model_on_hand_read_tiles(
+    slides: Path, tmp_path: Path, make_encoder, device: str
+) -> None:
+    encoder = make_encoder()
+    _, summary, _ = preprocess(slides, tmp_path, encoder, device=torch.device(device))
     assert summary.outcomes["done"] == 3
     bag = read_bag(features_path(tmp_path, "s1"))
     spec = read_coords(tmp_path / "coords" / "s1.h5").tile_spec
@@ -59,9 +85,11 @@ def test_pipeline_features_equal_the_model_on_hand_read_tiles(slides: Path, tmp_
     with open_slide(slides / "s1.svs") as reader:
         tiles = np.stack([read_tile(reader, spec, tuple(xy)) for xy in bag.coords[:40]])
     with torch.inference_mode():
-        expected = encoder.model.eval()(encoder.preprocess(torch.from_numpy(tiles))).numpy()
-    np.testing.assert_allclose(bag.features[:40], expected, rtol=2e-3, atol=2e-3)  # float16 storage
-    assert bag.attrs["encoder"] == "test_vit" and bag.attrs["encoder_dim"] == encoder.embed_dim
+        encoder.cpu().eval()
+        expected = encoder(encoder.preprocess(torch.from_numpy(tiles))).numpy()
+    tolerance = 2e-3 if device == "cpu" else 1e-2  # float16 storage; GPU: TF32 convolution
+    np.testing.assert_allclose(bag.features[:40], expected, rtol=tolerance, atol=tolerance)
+    assert bag.attrs["encoder"] == encoder.name and bag.attrs["encoder_dim"] == encoder.embed_dim
     assert '"pretrained": false' in bag.attrs["encoder_config"]  # random weights are on record
 
 
