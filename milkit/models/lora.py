@@ -29,9 +29,15 @@ gradients (SGD, momentum). Adam rescales each coordinate and so leaks out of the
 calling :meth:`LoRALinear.project_weights` after every step restores exactness for any optimiser.
 
 These guarantees hold per layer. Through a non-linear network a later layer's new adapter still
-reads whatever part of an old input's hidden features lies outside its protected inputs, so the
-model's outputs on old data change less but are not invariant (tests/models/test_lora.py
-measures both).
+reads whatever part of an old task's hidden features lies outside W0's principal inputs, so
+with the paper's two protections the model's outputs on old data change less but are not
+invariant. milkit adds a third, ``protect_features`` (the representation memory of gradient
+projection memory, Saha et al. 2021): after a task, :func:`protect_seen_inputs` runs the model
+over that task's data and adds to every layer's protected inputs the principal directions of
+the inputs that layer actually saw (``feature_energy`` of their energy). A new adapter then
+gives ``A_t h ≈ 0`` for the hidden features ``h`` of old data at every layer, so, layer by layer,
+the whole model's outputs on old data stay unchanged up to the energy left out
+(tests/models/test_lora.py measures all three).
 
 The subspaces are computed once per adapter, when it is added (W0 and earlier adapters are
 frozen; the ``protect_*`` switches are read then), and recomputed after ``load_state_dict``. The authors' public code uses a random basis for W0 (a no-op); this
@@ -41,8 +47,9 @@ module uses W0's SVD. With both protections off and no penalty, the layers are p
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from fnmatch import fnmatchcase
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +113,7 @@ class LoRALinear(nn.Module):
         protect_adapters: bool = True,
         protect_base: bool = True,
         energy: float = 0.99,
+        protect_features: bool = False,
     ) -> None:
         """Wrap a Linear layer; it has no adapter until :meth:`add_adapter`.
 
@@ -115,6 +123,8 @@ class LoRALinear(nn.Module):
             protect_adapters: Keep new adapters orthogonal to earlier adapters' subspaces.
             protect_base: Keep new adapters orthogonal to W0's principal subspaces.
             energy: Fraction of W0's squared singular values its principal subspaces cover.
+            protect_features: Keep new adapters' inputs orthogonal to the recorded inputs of
+                earlier tasks (:meth:`add_protected_inputs`).
 
         Raises:
             ConfigError: If ``rank`` is not positive or ``energy`` is outside (0, 1].
@@ -129,13 +139,23 @@ class LoRALinear(nn.Module):
         self.protect_adapters = protect_adapters
         self.protect_base = protect_base
         self.energy = energy
+        self.protect_features = protect_features
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
         self.lora_scale = nn.ParameterList()
         # Caches of protected_subspaces(); buffers so that .to() moves them.
         self.register_buffer("_protected_in", None, persistent=False)
         self.register_buffer("_protected_out", None, persistent=False)
+        # (in_features, k) orthonormal directions of earlier tasks' inputs; saved with the model.
+        self.register_buffer("feature_basis", base.weight.new_zeros(base.in_features, 0))
         self.register_load_state_dict_post_hook(_forget_subspaces)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Take the saved feature basis's shape (it grows with every task) before loading."""
+        saved = state_dict.get(prefix + "feature_basis")
+        if saved is not None:
+            self.feature_basis = self.feature_basis.new_zeros(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property
     def in_features(self) -> int:
@@ -206,9 +226,9 @@ class LoRALinear(nn.Module):
 
         Returns:
             ``(in_features, k_in)`` input basis (earlier A rows, W0's top right-singular
-            vectors) and ``(out_features, k_out)`` output basis (earlier B columns, W0's top
-            left-singular vectors), on the weight's device and dtype; ``k = 0`` when nothing
-            is protected on that side.
+            vectors, earlier tasks' input directions) and ``(out_features, k_out)`` output
+            basis (earlier B columns, W0's top left-singular vectors), on the weight's device
+            and dtype; ``k = 0`` when nothing is protected on that side.
         """
         if self._protected_in is None or self._protected_out is None:
             inputs: list[torch.Tensor] = []
@@ -223,10 +243,32 @@ class LoRALinear(nn.Module):
             if self.protect_adapters:
                 inputs += [a.T for a in list(self.lora_A)[:-1]]
                 outputs += list(self.lora_B)[:-1]
+            if self.protect_features:
+                inputs.append(self.feature_basis)
             weight = self.base.weight
             self._protected_in = orthonormal_basis(inputs, self.in_features).to(weight)
             self._protected_out = orthonormal_basis(outputs, self.out_features).to(weight)
         return self._protected_in, self._protected_out
+
+    @torch.no_grad()
+    def add_protected_inputs(self, gram: torch.Tensor, energy: float) -> int:
+        """Add the principal directions of some inputs to :attr:`feature_basis`.
+
+        Args:
+            gram: ``(in_features, in_features)`` ``Σ x xᵀ`` over the inputs the layer saw.
+            energy: Fraction of ``Σ |x|²`` the added directions must hold, in (0, 1].
+
+        Returns:
+            The number of protected feature directions afterwards.
+        """
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram.double())  # ascending
+        eigenvalues = eigenvalues.flip(0).clamp(min=0.0)
+        k = principal_rank(eigenvalues.sqrt(), energy)
+        directions = eigenvectors.flip(1)[:, :k]
+        basis = orthonormal_basis([self.feature_basis, directions], self.in_features)
+        self.feature_basis = basis.to(self.base.weight)
+        _forget_subspaces(self)
+        return self.feature_basis.shape[1]
 
     def _remove_protected(self, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """In place: ``a (r, in)`` rows and ``b (out, r)`` columns minus their protected parts."""
@@ -272,7 +314,8 @@ class LoRALinear(nn.Module):
         """Shown by ``print(model)``."""
         return (
             f"rank={self.rank}, adapters={self.n_adapters}, protect_adapters="
-            f"{self.protect_adapters}, protect_base={self.protect_base}, energy={self.energy}"
+            f"{self.protect_adapters}, protect_base={self.protect_base}, energy={self.energy}, "
+            f"protect_features={self.protect_features}"
         )
 
 
@@ -290,6 +333,7 @@ def apply_lora(
     protect_adapters: bool = True,
     protect_base: bool = True,
     energy: float = 0.99,
+    protect_features: bool = False,
 ) -> list[LoRALinear]:
     """Replace matching ``nn.Linear`` submodules by :class:`LoRALinear` wrappers, in place.
 
@@ -301,6 +345,7 @@ def apply_lora(
         protect_adapters: See :class:`LoRALinear`.
         protect_base: See :class:`LoRALinear`.
         energy: See :class:`LoRALinear`.
+        protect_features: See :class:`LoRALinear`.
 
     Returns:
         The new LoRA layers, in module order (each without adapters yet).
@@ -339,6 +384,7 @@ def apply_lora(
                 protect_adapters=protect_adapters,
                 protect_base=protect_base,
                 energy=energy,
+                protect_features=protect_features,
             )
             setattr(module.get_submodule(parent_name), child, layer)
             layers.append(layer)
@@ -422,3 +468,49 @@ def project_lora_weights(module: nn.Module) -> None:
     """
     for layer in _require_lora(module):
         layer.project_weights()
+
+
+@torch.no_grad()
+def protect_seen_inputs(module: nn.Module, run: Callable[[], object], energy: float) -> list[int]:
+    """Record what every LoRA layer sees while ``run()`` runs the model, and protect it.
+
+    Call after a task, with ``run`` feeding that task's data through ``module`` (unpadded, e.g.
+    one bag per batch: padding rows would be protected too). Only layers with
+    ``protect_features`` on store the directions.
+
+    Args:
+        module: A model that went through :func:`apply_lora`.
+        run: Runs the model over the task's data.
+        energy: Fraction of each layer's input energy ``Σ |x|²`` to protect, in (0, 1].
+
+    Returns:
+        The number of protected feature directions of each layer, in module order.
+
+    Raises:
+        ConfigError: If the model has no LoRA layer or ``energy`` is outside (0, 1].
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ConfigError(f"protect_seen_inputs: energy must be in (0, 1], got {energy!r}.")
+    layers = _require_lora(module)
+    grams = [
+        layer.base.weight.new_zeros(layer.in_features, layer.in_features, dtype=torch.float64)
+        for layer in layers
+    ]
+
+    def accumulate(index: int) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().reshape(-1, layers[index].in_features).double()
+            grams[index] += x.T @ x
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(accumulate(i)) for i, layer in enumerate(layers)]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [
+        layer.add_protected_inputs(gram, energy) if layer.protect_features else 0
+        for layer, gram in zip(layers, grams, strict=True)
+    ]

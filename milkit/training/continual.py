@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -246,8 +247,7 @@ def run_continual(parser: ArgumentParser, config: Namespace) -> dict[str, Any]:
         print(f"continual: resuming {out} after stage {done - 1} of {len(stages)}")
     summary = write_report(out, results, sequence, stages, config, dumped) if done else {}
     for context in contexts[done:]:
-        thresholds = results[-1]["tile_thresholds"] if results else {}
-        results.append(_train_stage(model, strategy, context, config, init, out, thresholds))
+        results.append(_train_stage(model, strategy, context, config, init, out, results))
         print(stage_line(results[-1]))
         summary = write_report(out, results, sequence, stages, config, dumped)
     return summary
@@ -260,11 +260,12 @@ def _train_stage(
     config: Namespace,
     init: Namespace,
     out: Path,
-    previous_thresholds: dict[str, float | None],
+    previous: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Fit one stage, keep its best weights, evaluate, and save checkpoint and result.
 
-    ``previous_thresholds`` are the tile thresholds of the tasks learnt in earlier stages.
+    ``previous`` are the earlier stages' results: their tile thresholds and, as the reference
+    of the logit drift, each task's own-head test logits right after it was learnt.
     """
     start = time.perf_counter()
     folder = stage_dir(out, context)
@@ -290,14 +291,25 @@ def _train_stage(
     trainer, best_score = _fit(module, context, config, folder, train_items, val_items)
     strategy.finish(module, context)
     device = trainer.strategy.root_device
-    thresholds, metrics = evaluate_stage(model, context, device, previous_thresholds)
+    thresholds, metrics, logits = evaluate_stage(
+        model,
+        context,
+        device,
+        previous_thresholds=previous[-1]["tile_thresholds"] if previous else {},
+        reference_logits={
+            name: np.asarray(result["task_logits"][name])
+            for result in previous
+            for name in result["tasks"]
+        },
+    )
     model.cpu()
     save_torch(
         folder / STAGE_MODEL, {"model": model.state_dict(), "strategy": strategy.state_dict()}
     )
+    result_tasks = [sequence.tasks[t].name for t in context.tasks]
     result = {
         "stage": context.stage,
-        "tasks": [sequence.tasks[t].name for t in context.tasks],
+        "tasks": result_tasks,
         "epochs": trainer.current_epoch,
         "best_score": best_score,
         "n_train": len(train_items),
@@ -305,6 +317,7 @@ def _train_stage(
         "seconds": round(time.perf_counter() - start, 2),
         "tile_thresholds": thresholds,
         "metrics": metrics,
+        "task_logits": {name: logits[name].tolist() for name in result_tasks},
     }
     write_json(folder / STAGE_RESULT, result)
     return result

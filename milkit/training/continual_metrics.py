@@ -226,7 +226,8 @@ def evaluate_stage(
     context: StageContext,
     device: torch.device,
     previous_thresholds: dict[str, float | None],
-) -> tuple[dict[str, float | None], dict[str, dict[str, Any]]]:
+    reference_logits: dict[str, np.ndarray],
+) -> tuple[dict[str, float | None], dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """Choose the new tasks' tile thresholds on validation, then test every task seen so far.
 
     Args:
@@ -234,10 +235,13 @@ def evaluate_stage(
         context: The stage.
         device: Where to run the model.
         previous_thresholds: Tile thresholds of the tasks learnt in earlier stages.
+        reference_logits: ``(n_test, C_j)`` own-head test logits of each task learnt in an
+            earlier stage, right after it was learnt (for ``logit_drift``).
 
     Returns:
-        Tile thresholds of all tasks learnt so far (None without tile truth), and the test
-        metrics (:func:`task_metrics`) of each seen task, by task name.
+        Tile thresholds of all tasks learnt so far (None without tile truth), the test metrics
+        (:func:`task_metrics`, plus ``logit_drift``) of each seen task, and each seen task's
+        ``(n_test, C_j)`` own-head test logits, all by task name.
     """
     sequence, data = context.sequence, context.data
 
@@ -251,16 +255,29 @@ def evaluate_stage(
         thresholds[sequence.tasks[task].name] = validation_threshold(
             predict(task, "val"), sequence.tasks[task].classes, sequence.negative
         )
-    metrics = {
-        sequence.tasks[t].name: task_metrics(
-            predict(t, "test"),
-            sequence.tasks[t].classes,
-            sequence.negative,
-            thresholds.get(sequence.tasks[t].name),
-        )
-        for t in range(max(context.tasks) + 1)
-    }
-    return thresholds, metrics
+    metrics, logits = {}, {}
+    for t in range(max(context.tasks) + 1):
+        name, classes = sequence.tasks[t].name, sequence.tasks[t].classes
+        predictions = predict(t, "test")
+        logits[name] = predictions.logits[:, classes]
+        metrics[name] = task_metrics(predictions, classes, sequence.negative, thresholds.get(name))
+        metrics[name]["logit_drift"] = logit_drift(logits[name], reference_logits.get(name))
+    return thresholds, metrics, logits
+
+
+def logit_drift(logits: np.ndarray, reference: np.ndarray | None) -> float:
+    """How far a task's own-head outputs moved since it was learnt: ``‖L − L₀‖ / ‖L₀‖``.
+
+    Args:
+        logits: ``(n_test, C_j)`` the task head's test logits now.
+        reference: The same right after the task was learnt; None if it was learnt now.
+
+    Returns:
+        The relative Frobenius change (0 for a task learnt in this stage).
+    """
+    if reference is None:
+        return 0.0
+    return float(np.linalg.norm(logits - reference) / max(np.linalg.norm(reference), 1e-12))
 
 
 def _finite(value: torch.Tensor) -> float | None:

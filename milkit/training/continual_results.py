@@ -15,11 +15,13 @@ Rerunning with the same ``--out`` and configuration continues after the last fin
 ``results.json``: ``strategy``, ``seed``, ``tasks``, ``stages`` (task names per stage),
 ``class_names``, ``finished``, ``config``; matrices ``R[t][j]`` (after stage t, on task j; null
 for tasks not seen yet) ``accuracy_matrix`` (class-incremental), ``task_accuracy_matrix``,
-``task_auroc_matrix``, ``tile_auroc_matrix``, ``tile_dice_matrix``; summaries
-``average_accuracy``, ``bwt``, ``task_average_accuracy``, ``task_bwt`` (BWT null for ``joint``:
-one stage has nothing to forget), ``tile_auroc``/``tile_dice`` (per task, last stage),
-``average_tile_auroc``, ``average_tile_dice``, ``tile_thresholds`` (per task, chosen on
-validation) and ``stage_info`` (epochs, seconds, slide counts per stage).
+``task_auroc_matrix``, ``tile_auroc_matrix``, ``tile_dice_matrix``, ``logit_drift_matrix``
+(``‖L − L₀‖ / ‖L₀‖`` of the task head's test logits against those right after the task was
+learnt); summaries ``average_accuracy``, ``bwt``, ``task_average_accuracy``, ``task_bwt`` (BWT
+null for ``joint``: one stage has nothing to forget), ``tile_auroc``/``tile_dice`` (per task,
+last stage), ``average_tile_auroc``, ``average_tile_dice``, ``logit_drift`` (mean over the
+tasks learnt before the last stage; 0 when their outputs did not move), ``tile_thresholds``
+(per task, chosen on validation) and ``stage_info`` (epochs, seconds, slide counts per stage).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ PLOT_PNG = "accuracy_matrix.png"
 CONFIG_YAML = "config.yaml"
 STAGE_RESULT = "result.json"
 STAGE_MODEL = "model.pt"
-METRICS = ("accuracy", "task_accuracy", "task_auroc", "tile_auroc", "tile_dice")
+METRICS = ("accuracy", "task_accuracy", "task_auroc", "tile_auroc", "tile_dice", "logit_drift")
 
 
 def finished_stages(out: Path, contexts: list[StageContext], dumped: dict[str, Any]) -> int:
@@ -169,6 +171,8 @@ def summarize_run(
     task_average, task_bwt = average_and_bwt(matrices["task_accuracy"])
     tile_auroc = matrices["tile_auroc"][-1]
     tile_dice = matrices["tile_dice"][-1]
+    # Tasks learnt before the last stage; logit drift 0 means their outputs did not move.
+    earlier = [name for result in results[:-1] for name in result["tasks"]]
     return {
         "milkit_version": milkit.__version__,
         "strategy": config.strategy,
@@ -182,6 +186,7 @@ def summarize_run(
         "task_auroc_matrix": matrices["task_auroc"],
         "tile_auroc_matrix": matrices["tile_auroc"],
         "tile_dice_matrix": matrices["tile_dice"],
+        "logit_drift_matrix": matrices["logit_drift"],
         "average_accuracy": average,
         "bwt": bwt,
         "task_average_accuracy": task_average,
@@ -190,6 +195,9 @@ def summarize_run(
         "tile_dice": tile_dice,
         "average_tile_auroc": _mean(tile_auroc),
         "average_tile_dice": _mean(tile_dice),
+        "logit_drift": _mean([matrices["logit_drift"][-1][names.index(name)] for name in earlier])
+        if earlier
+        else None,
         "tile_thresholds": results[-1]["tile_thresholds"],
         "stage_info": [
             {key: result[key] for key in ("tasks", "epochs", "n_train", "n_val", "seconds")}

@@ -11,7 +11,10 @@ stage adds a linear head per new task (class-incremental evaluation concatenates
   the new head. Everything else is frozen, LayerNorms and earlier heads included.
 - ``owlora`` (CoMEL, papers.md D.3): ``lora`` plus the orthogonality penalty λ and the
   projection of the new adapters' gradients (after ``backward``) and weights (after the
-  optimiser step, so Adam cannot leak) off the earlier adapters' and W0's principal subspaces.
+  optimiser step, so Adam cannot leak) off the earlier adapters' and W0's principal subspaces;
+  milkit adds (``--lora.protect_features``, on by default) the principal directions of what
+  each adapted layer saw on earlier tasks' slides, recorded after every stage, so that earlier
+  tasks' outputs stay unchanged rather than only change less.
 
 ``ewc``, ``lwf`` and ``replay`` live in :mod:`milkit.training.continual_baselines`; the
 registry of names is :data:`milkit.training.continual.STRATEGIES`.
@@ -33,6 +36,7 @@ from milkit.models.lora import (
     lora_orthogonality_penalty,
     project_lora_gradients,
     project_lora_weights,
+    protect_seen_inputs,
 )
 from milkit.models.output import MILOutput
 from milkit.training.continual_tasks import ContinualData, Item, TaskSequence
@@ -53,6 +57,12 @@ class LoRAOptions:
         protect_adapters: ``owlora``: keep new adapters off earlier adapters' subspaces.
         protect_base: ``owlora``: keep new adapters off W0's principal subspaces.
         energy: Fraction of W0's squared singular values its protected subspaces cover.
+        protect_features: ``owlora``: also keep new adapters off the principal directions of
+            the inputs every adapted layer saw on earlier tasks' training slides (milkit's
+            addition, which keeps earlier tasks' outputs unchanged; false for the paper's
+            method).
+        feature_energy: Fraction of those inputs' energy that is protected; higher keeps old
+            outputs closer, lower leaves new tasks more room.
     """
 
     rank: int = 16
@@ -61,6 +71,8 @@ class LoRAOptions:
     protect_adapters: bool = True
     protect_base: bool = True
     energy: float = 0.99
+    protect_features: bool = True
+    feature_energy: float = 0.99
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,7 @@ class LoRA(Strategy):
                 protect_adapters=protect and self.options.protect_adapters,
                 protect_base=protect and self.options.protect_base,
                 energy=self.options.energy,
+                protect_features=protect and self.options.protect_features,
             )
         else:
             add_lora_adapters(model)
@@ -249,3 +262,20 @@ class OWLoRA(LoRA):
         """Project the newest adapters' weights back (Adam leaves the subspace otherwise)."""
         if self.stage > 0:
             project_lora_weights(model)
+
+    def finish(self, module: ContinualModule, context: StageContext) -> None:
+        """Protect the inputs each adapted layer saw on the stage's training slides."""
+        if not self.options.protect_features:
+            return
+        model = module.model
+        device = next(model.parameters()).device
+        loader = context.sequence.loader(self.train_items(context), batch_size=1)  # no padding
+
+        def run() -> None:
+            for batch in loader:
+                module(module.transfer_batch_to_device(batch, device, 0))
+
+        was_training = model.training
+        model.eval()
+        protect_seen_inputs(model, run, self.options.feature_energy)
+        model.train(was_training)

@@ -22,6 +22,7 @@ from milkit.models.lora import (
     principal_rank,
     project_lora_gradients,
     project_lora_weights,
+    protect_seen_inputs,
 )
 
 RANK = 4
@@ -333,3 +334,49 @@ def test_projection_keeps_outputs_on_protected_inputs(
     x3, y3 = task_data(3, input_rank=None)
     fit(protected, x3, y3, optimiser)
     assert relative_change(first(probe), before) < 1e-4
+
+
+@pytest.mark.parametrize("optimiser", ["sgd", "adam"])
+def test_feature_protection_keeps_the_whole_model_unchanged_on_old_data(
+    task1_model: nn.Sequential, optimiser: str
+) -> None:
+    torch.manual_seed(0)
+    x1, _ = task_data(1, input_rank=4)
+    x2, y2 = task_data(2, input_rank=None)
+    changes, kept, learnt = {}, {}, {}
+    for protect_features in (True, False):
+        arm = copy.deepcopy(task1_model)
+        for layer in lora_layers(arm):
+            layer.protect_features = protect_features
+        kept[protect_features] = protect_seen_inputs(arm, lambda arm=arm: arm(x1), energy=0.9999)
+        before = arm(x1).detach()
+        add_lora_adapters(arm)
+        start = F.mse_loss(arm(x2), y2).item()
+        learnt[protect_features] = fit(arm, x2, y2, optimiser) / start
+        changes[protect_features] = relative_change(arm(x1), before)
+    # The first layer sees task 1's 4-dim input subspace; the second, tanh features of it.
+    assert kept[True][0] == 4 and 4 < kept[True][1] <= HIDDEN - RANK
+    assert kept[False] == [0, 0]
+    # W0 and adapter protections alone (the paper's) let the output on old data move by
+    # 0.2-0.4; protecting what each layer saw keeps it to the energy left out (1e-4 here).
+    assert changes[True] < 0.03 and changes[False] > 0.15, changes
+    assert learnt[True] < 0.6, learnt  # the new adapters still learn task 2
+
+
+@pytest.mark.filterwarnings("ignore:LoRALinear.*directions free")  # fresh W0: outputs all taken
+def test_feature_basis_is_saved_and_loaded_with_the_model(task1_model: nn.Sequential) -> None:
+    model = copy.deepcopy(task1_model)
+    for layer in lora_layers(model):
+        layer.protect_features = True
+    x1, _ = task_data(1, input_rank=4)
+    protect_seen_inputs(model, lambda: model(x1), energy=0.999)
+    add_lora_adapters(model)
+    fresh = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+    apply_lora(fresh, ["0", "2"], rank=RANK, protect_features=True)
+    add_lora_adapters(fresh)
+    fresh.load_state_dict(model.state_dict())
+    for loaded, saved in zip(lora_layers(fresh), lora_layers(model), strict=True):
+        torch.testing.assert_close(loaded.feature_basis, saved.feature_basis)
+        torch.testing.assert_close(loaded.protected_subspaces()[0], saved.protected_subspaces()[0])
+    with pytest.raises(ConfigError, match="energy"):
+        protect_seen_inputs(model, lambda: model(x1), energy=0.0)
