@@ -5,8 +5,8 @@ overrides) pretrains, exports and scores the teacher with the k-NN check of
 ``milkit.ssl.knn``, against the same architecture at random initialisation. Prints one row per
 variant: steps, seconds, loss trend, both accuracies.
 
-    python benchmarks/pretrain_sweep.py --variant base: --variant long:trainer.max_steps=800 \\
-        --variant lr:model.lr=0.008,trainer.max_steps=400
+    python benchmarks/pretrain_sweep.py --variant base: --variant "long:trainer.max_steps=800" \\
+        --variant "lr:model.lr=0.008;trainer.max_steps=400"
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> None:
         "--variant",
         action="append",
         required=True,
-        metavar="NAME:KEY=VALUE,...",
+        metavar="NAME:KEY=VALUE;...",
         help="a named variant and its recipe overrides (repeat the option)",
     )
     args = parser.parse_args()
@@ -33,7 +33,7 @@ def main() -> None:
     labelled = synthetic_tile_labels(coords, args.work / "cohort" / "truth")
     for variant in args.variant:
         name, _, spec = variant.partition(":")
-        overrides = [item for item in spec.split(",") if item]
+        overrides = [item for item in spec.split(";") if item]
         run = args.work / f"run_{name}"
         seconds = pretrain(args.config, args.work / "cohort", coords, run, overrides)
         first, last = loss_trend(next(run.rglob("metrics.csv")))

@@ -58,7 +58,12 @@ def strategy_results(root: Path, seed: int) -> dict[str, dict[str, Any]]:
         shift=4.0,
         seed=seed,
     )
-    return {name: run(tasks, root / name, name, seed, "--lora.rank", "4") for name in STRATEGIES}
+    results = {name: run(tasks, root / name, name, seed, "--lora.rank", "4") for name in STRATEGIES}
+    results["owlora_features"] = run(
+        tasks, root / "owlora_features", "owlora", seed, "--lora.rank", "4",
+        "--lora.protect_features", "true", "--lora.feature_energy", "0.99",
+    )  # fmt: skip
+    return results
 
 
 def bppl_tile_auroc(root: Path, seed: int) -> tuple[float, float]:
@@ -97,11 +102,18 @@ def test_finetune_forgets_and_owlora_forgets_least(results: dict[str, dict[str, 
     assert abs(owlora["task_bwt"]) <= 0.05
 
 
+def test_feature_protection_keeps_earlier_tasks_outputs(results: dict[str, dict[str, Any]]) -> None:
+    owlora, kept = results["owlora"], results["owlora_features"]
+    # The heads of earlier tasks answer their test slides as right after they were learnt.
+    assert kept["logit_drift"] < 0.05 and kept["logit_drift"] < 0.5 * owlora["logit_drift"]
+    assert abs(kept["task_bwt"]) <= 0.02
+
+
 def test_joint_training_is_the_upper_bound(results: dict[str, dict[str, Any]]) -> None:
     joint = results["joint"]
     assert joint["bwt"] is None and len(joint["accuracy_matrix"]) == 1
     for key in ("average_accuracy", "task_average_accuracy"):
-        others = [results[name][key] for name in STRATEGIES if name != "joint"]
+        others = [result[key] for name, result in results.items() if name != "joint"]
         assert joint[key] > max(others), key
 
 
