@@ -141,9 +141,10 @@ class BagBatch:
     def pin_memory(self) -> BagBatch:
         """Page-lock the tensors (called by DataLoader with ``pin_memory=True``)."""
         values = {field.name: getattr(self, field.name) for field in fields(self)}
-        return BagBatch(
-            **{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
-        )
+        pinned: dict[str, Any] = {
+            k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in values.items()
+        }
+        return BagBatch(**pinned)
 
 
 class _OpenFiles:
@@ -173,7 +174,7 @@ class _OpenFiles:
         return {"max_open": self.max_open}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["max_open"])
+        _OpenFiles.__init__(self, state["max_open"])
 
 
 def read_tile_subset(file: h5py.File, name: str, n_tiles: int) -> np.ndarray:

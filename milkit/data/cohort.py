@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 
@@ -152,16 +153,20 @@ def load_cohort(
         bags=tuple(info for info in bags if info is not None),
         task=task,
         class_names=names,
-        feature_dim=int(feature_dim),  # type: ignore[arg-type]
-        encoder=encoder,  # type: ignore[arg-type]
+        feature_dim=int(feature_dim),
+        encoder=encoder,
         labels=table,
     )
 
 
 def _check_shared(
     found: Sequence[tuple[SlideLabel, BagInfo]], field: str, what: str, problems: ProblemReport
-) -> object:
-    """The value of ``field`` most files share; every file that differs is a problem."""
+) -> Any:
+    """The value of ``field`` most files share; every file that differs is a problem.
+
+    Returns ``Any``: the value has the type of the named :class:`BagInfo` field (None when no
+    file was found).
+    """
     counts = Counter(getattr(info, field) for _, info in found)
     if not counts:
         return None

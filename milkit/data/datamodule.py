@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -196,9 +196,9 @@ class MILDataModule(pl.LightningDataModule):
         if self.balance == "sampler" and self.task == "classification":
             targets = np.asarray(dataset.targets)
             counts = np.bincount(targets, minlength=self.n_classes)
-            sampler = WeightedRandomSampler(
-                torch.from_numpy(1.0 / counts[targets]), num_samples=len(targets), replacement=True
-            )
+            # The sampler takes any tensor-like (torch.as_tensor); its stub says Sequence[float].
+            weights = cast(Sequence[float], torch.from_numpy(1.0 / counts[targets]))
+            sampler = WeightedRandomSampler(weights, num_samples=len(targets), replacement=True)
         return self._loader(dataset, shuffle=sampler is None, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:

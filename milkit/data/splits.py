@@ -32,7 +32,11 @@ class Split:
 
 
 def stratified_group_folds(
-    strata: Sequence[Hashable], groups: Sequence[Hashable], n_folds: int, *, seed: int
+    strata: Sequence[Hashable] | np.ndarray,
+    groups: Sequence[Hashable] | np.ndarray,
+    n_folds: int,
+    *,
+    seed: int,
 ) -> np.ndarray:
     """Assign rows to folds: whole groups (patients) per fold, strata (classes) balanced.
 
@@ -74,7 +78,8 @@ def stratified_group_folds(
             trial[fold] = candidates[fold]
             costs[fold] = trial.std(axis=0).sum()
         sizes = fold_counts.sum(axis=1)
-        best = min(range(n_folds), key=lambda f: (round(costs[f], 9), sizes[f], f))
+        # .round(9): the rounding round() does on a numpy float, in a form numpy types.
+        best = min(range(n_folds), key=lambda f: (costs[f].round(9), sizes[f], f))
         fold_counts[best] += counts[group]
         fold_of_group[group] = best
     return fold_of_group[group_of]
@@ -96,8 +101,8 @@ def quantile_strata(values: Sequence[float], n_bins: int) -> np.ndarray:
 
 
 def make_split(
-    strata: Sequence[Hashable],
-    groups: Sequence[Hashable],
+    strata: Sequence[Hashable] | np.ndarray,
+    groups: Sequence[Hashable] | np.ndarray,
     *,
     fold: int,
     n_folds: int,

@@ -263,7 +263,7 @@ class Predictions:
             )
         index = self._class_index_or_none(selector)
         if index is None or index >= n_columns:
-            known = list(self.label_names) or list(range(n_columns))
+            known: list[str] | list[int] = list(self.label_names) or list(range(n_columns))
             raise ConfigError(f"{self.path}: --value {spec!r}: unknown class; known: {known}.")
         return index
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from PIL import Image
@@ -41,9 +41,21 @@ DEFAULT_MAX_SIZE_PX = 2048
 #: Tissue is detected at no finer than this resolution (µm/px), the tile stage's: finer costs
 #: time on large canvases and finds no more tissue.
 DETECT_MPP = THUMBNAIL_MPP
+
+
+class _DisplayTissueOptions(TypedDict):
+    """Keyword arguments of :func:`detect_tissue` that :data:`DISPLAY_TISSUE_OPTIONS` sets."""
+
+    closing_radius_um: float
+    max_hole_area_um2: float
+
+
 #: Tissue detection for display: unlike tiling (which fills holes so tiles under a pen stroke or
 #: across a small gap survive), glass inside the tissue (fat, lumens, tears) stays uncoloured.
-DISPLAY_TISSUE_OPTIONS = {"closing_radius_um": 10.0, "max_hole_area_um2": 0.0}
+DISPLAY_TISSUE_OPTIONS: _DisplayTissueOptions = {
+    "closing_radius_um": 10.0,
+    "max_hole_area_um2": 0.0,
+}
 #: Pixels covered by less than this fraction of a tile are not counted as drawn.
 DRAWN_MIN_COVERAGE = 0.5
 

@@ -99,13 +99,14 @@ def read_tiles(
         ``(k, size_px, size_px, 3)`` uint8.
     """
     spec = predictions.tile_spec
-    usable_spec = spec is not None and spec.level < reader.level_count
+    # The spec's level, when the slide has it; otherwise tiles are read from their footprint.
+    usable_spec = spec if spec is not None and spec.level < reader.level_count else None
     size_px = size_px or (spec.tile_size_px if spec is not None else 224)
     out = np.empty((len(indices), size_px, size_px, 3), dtype=np.uint8)
     for row, index in enumerate(np.asarray(indices, dtype=np.int64)):
         xy = (int(predictions.coords[index, 0]), int(predictions.coords[index, 1]))
-        if usable_spec:
-            tile = read_tile(reader, spec, xy)
+        if usable_spec is not None:
+            tile = read_tile(reader, usable_spec, xy)
         else:
             tile = _read_footprint(reader, xy, predictions.tile_size_level0, size_px)
         if tile.shape[:2] != (size_px, size_px):

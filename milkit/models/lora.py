@@ -103,7 +103,13 @@ class LoRALinear(nn.Module):
         lora_A: ``A_t``, each ``(rank, in_features)``.
         lora_B: ``B_t``, each ``(out_features, rank)``.
         lora_scale: ``s_t``, each ``(rank,)``.
+        feature_basis: ``(in_features, k)`` orthonormal directions of earlier tasks' inputs.
     """
+
+    # Buffers, declared so that attribute access is typed (not nn.Module.__getattr__'s union).
+    feature_basis: torch.Tensor
+    _protected_in: torch.Tensor | None
+    _protected_out: torch.Tensor | None
 
     def __init__(
         self,
@@ -198,12 +204,16 @@ class LoRALinear(nn.Module):
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         weight = self.base.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        device, dtype = weight.device, weight.dtype
         self.lora_A.append(
-            nn.Parameter(torch.randn(self.rank, self.in_features, **factory) / self.rank)
+            nn.Parameter(
+                torch.randn(self.rank, self.in_features, device=device, dtype=dtype) / self.rank
+            )
         )
-        self.lora_B.append(nn.Parameter(torch.zeros(self.out_features, self.rank, **factory)))
-        self.lora_scale.append(nn.Parameter(torch.ones(self.rank, **factory)))
+        self.lora_B.append(
+            nn.Parameter(torch.zeros(self.out_features, self.rank, device=device, dtype=dtype))
+        )
+        self.lora_scale.append(nn.Parameter(torch.ones(self.rank, device=device, dtype=dtype)))
         _forget_subspaces(self)
         self.project_weights()
         basis_in, basis_out = self.protected_subspaces()

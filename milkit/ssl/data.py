@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import lightning as L
 import numpy as np
@@ -86,7 +86,7 @@ class TileSampler(DistributedSampler):
 
     def epoch_order(self) -> np.ndarray:
         """``(epoch_size,)`` global tile indices of the current epoch, over all ranks."""
-        dataset: CohortTileDataset = self.dataset
+        dataset = cast(CohortTileDataset, self.dataset)  # the one given to __init__
         rng = np.random.default_rng([self.seed, self.epoch])
         n_slides = len(dataset.slides)
         slide_order = rng.permutation(n_slides) if self.shuffle else np.arange(n_slides)
@@ -110,6 +110,31 @@ class TileSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class _TileDataHParams(Protocol):
+    """:class:`TileDataModule`'s ``hparams`` (its ``__init__`` arguments), typed.
+
+    Lightning types ``hparams`` as a plain mapping; reading it through this gives each
+    hyperparameter its type.
+    """
+
+    coords_dir: str | Path
+    slides_dir: str | Path | None
+    batch_size: int
+    num_workers: int
+    max_tiles_per_slide: int | None
+    slides_per_window: int | None
+    max_open_slides: int
+    seed: int
+    global_size_px: int
+    local_size_px: int
+    n_local_crops: int
+    global_scale: tuple[float, float]
+    local_scale: tuple[float, float]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    augmentation: dict[str, Any] | None
 
 
 class TileDataModule(L.LightningDataModule):
@@ -176,10 +201,11 @@ class TileDataModule(L.LightningDataModule):
             global_size_px=global_size_px,
             local_size_px=local_size_px,
             n_local_crops=n_local_crops,
-            global_scale=tuple(global_scale),
-            local_scale=tuple(local_scale),
-            mean=tuple(mean),
-            std=tuple(std),
+            # tuple(): they may be lists (from YAML); the casts keep their lengths' types.
+            global_scale=cast(tuple[float, float], tuple(global_scale)),
+            local_scale=cast(tuple[float, float], tuple(local_scale)),
+            mean=cast(tuple[float, float, float], tuple(mean)),
+            std=cast(tuple[float, float, float], tuple(std)),
             **(augmentation or {}),
         )
         self.dataset: CohortTileDataset | None = None
@@ -193,7 +219,7 @@ class TileDataModule(L.LightningDataModule):
         """
         if self.dataset is not None:
             return
-        hp = self.hparams
+        hp = cast(_TileDataHParams, self.hparams)
         slides = find_slide_tiles(hp.coords_dir, hp.slides_dir)
         self.dataset = CohortTileDataset(
             slides, self.augmentation, max_open_slides=hp.max_open_slides
@@ -217,11 +243,12 @@ class TileDataModule(L.LightningDataModule):
             if self.trainer is not None
             else (1, 0)
         )
+        hp = cast(_TileDataHParams, self.hparams)
         return TileSampler(
             self._dataset(),
-            max_tiles_per_slide=self.hparams.max_tiles_per_slide,
-            slides_per_window=self.hparams.slides_per_window,
-            seed=self.hparams.seed,
+            max_tiles_per_slide=hp.max_tiles_per_slide,
+            slides_per_window=hp.slides_per_window,
+            seed=hp.seed,
             num_replicas=world,
             rank=rank,
         )
@@ -234,14 +261,15 @@ class TileDataModule(L.LightningDataModule):
     @property
     def steps_per_epoch(self) -> int:
         """Full batches per epoch on one device (after ``setup``)."""
-        return len(self._sampler()) // self.hparams.batch_size
+        return len(self._sampler()) // cast(_TileDataHParams, self.hparams).batch_size
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled multi-crop batches (see `TileSampler` for the order)."""
-        workers = self.hparams.num_workers
+        hp = cast(_TileDataHParams, self.hparams)
+        workers = hp.num_workers
         return DataLoader(
             self._dataset(),
-            batch_size=self.hparams.batch_size,
+            batch_size=hp.batch_size,
             sampler=self._sampler(),
             num_workers=workers,
             collate_fn=collate_crops,

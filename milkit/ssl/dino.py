@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from itertools import groupby
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, cast
 
 import lightning as L
 import timm
@@ -243,6 +243,42 @@ class DINOSchedule(NamedTuple):
     teacher_temp: float
 
 
+class _DINOHParams(Protocol):
+    """:class:`DINOModule`'s ``hparams`` (its ``__init__`` arguments), typed.
+
+    Lightning types ``hparams`` as a plain mapping; reading it through this gives each
+    hyperparameter its type. ``mean`` and ``std`` may be lists (hyperparameters from YAML).
+    """
+
+    backbone: str
+    img_size: int | None
+    patch_size: int | None
+    dynamic_img_size: bool | None
+    drop_path_rate: float
+    backbone_kwargs: dict[str, Any] | None
+    out_dim: int
+    hidden_dim: int
+    bottleneck_dim: int
+    head_n_layers: int
+    norm_last_layer: bool
+    n_local_crops: int
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    weight_decay_end: float
+    momentum_teacher: float
+    warmup_teacher_temp: float
+    teacher_temp: float
+    warmup_teacher_temp_epochs: float
+    student_temp: float
+    center_momentum: float
+    freeze_last_layer_epochs: int
+    clip_grad: float | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
 class DINOModule(L.LightningModule):
     """DINO pretraining of a timm backbone; the teacher backbone is the product.
 
@@ -335,7 +371,7 @@ class DINOModule(L.LightningModule):
         self._ema_step = 0
 
     def _build_network(self, drop_path_rate: float) -> DINONetwork:
-        hp = self.hparams
+        hp = cast(_DINOHParams, self.hparams)
         try:
             backbone = timm.create_model(
                 hp.backbone,
@@ -354,7 +390,7 @@ class DINOModule(L.LightningModule):
                 "backbones that are not ViTs."
             ) from err
         head = DINOHead(
-            backbone.num_features,
+            cast(int, backbone.num_features),  # an int on every timm model (typed nn.Module)
             hp.out_dim,
             hidden_dim=hp.hidden_dim,
             bottleneck_dim=hp.bottleneck_dim,
@@ -365,7 +401,8 @@ class DINOModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the student; lr and weight decay are overwritten every step."""
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, param in self.student.named_parameters():
             if param.requires_grad:
                 (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
@@ -373,7 +410,7 @@ class DINOModule(L.LightningModule):
             {"params": decay, "milkit_decay": True},
             {"params": no_decay, "milkit_decay": False, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=self.hparams.lr)
+        return torch.optim.AdamW(groups, lr=cast(_DINOHParams, self.hparams).lr)
 
     def on_train_start(self) -> None:
         """Fix the schedule geometry once the trainer knows the data."""
@@ -385,6 +422,7 @@ class DINOModule(L.LightningModule):
                 "set trainer.max_steps or max_epochs with a dataset that has a length."
             )
         n_batches = float(trainer.num_training_batches)
+        per_epoch: float
         if math.isfinite(n_batches):
             per_epoch = math.ceil(n_batches / trainer.accumulate_grad_batches)
         elif trainer.max_epochs and trainer.max_epochs > 0:
@@ -409,7 +447,7 @@ class DINOModule(L.LightningModule):
             The learning rate (scaled by the global batch / 256), weight decay, teacher
             momentum and teacher temperature for that step.
         """
-        hp = self.hparams
+        hp = cast(_DINOHParams, self.hparams)
         global_batch = batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
         warmup_steps = hp.warmup_epochs * self._steps_per_epoch
         return DINOSchedule(
@@ -468,11 +506,12 @@ class DINOModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip gradients per tensor and keep the prototypes fixed in the first epochs."""
-        if self.hparams.clip_grad is not None:
+        hp = cast(_DINOHParams, self.hparams)
+        if hp.clip_grad is not None:
             for param in self.student.parameters():
                 if param.grad is not None:
-                    nn.utils.clip_grad_norm_(param, self.hparams.clip_grad)
-        if self.current_epoch < self.hparams.freeze_last_layer_epochs:
+                    nn.utils.clip_grad_norm_(param, hp.clip_grad)
+        if self.current_epoch < hp.freeze_last_layer_epochs:
             for param in self.student.head.last_layer.parameters():
                 param.grad = None
 

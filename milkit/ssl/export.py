@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -23,7 +23,7 @@ from torch import nn
 
 import milkit
 from milkit.errors import ConfigError, EncoderError
-from milkit.ssl.dino import DINOModule
+from milkit.ssl.dino import DINOModule, _DINOHParams
 
 __all__ = ["export_backbone"]
 
@@ -44,13 +44,15 @@ def _model_args(backbone: nn.Module) -> dict[str, Any]:
     }
     args["num_classes"] = backbone.num_classes
     if isinstance(backbone, VisionTransformer):
+        # Any: the blocks' attention classes vary, and each records its num_heads.
+        attention: Any = backbone.blocks[0].attn
         # spelled out so the folder describes the network without consulting timm's registry
         args.update(
             img_size=list(backbone.patch_embed.img_size),
             patch_size=list(backbone.patch_embed.patch_size),
             embed_dim=backbone.embed_dim,
             depth=len(backbone.blocks),
-            num_heads=backbone.blocks[0].attn.num_heads,
+            num_heads=attention.num_heads,
             global_pool=backbone.global_pool,
             dynamic_img_size=backbone.dynamic_img_size,
         )
@@ -95,11 +97,12 @@ def export_backbone(
     provenance: dict[str, Any] = {"milkit_version": milkit.__version__}
     if isinstance(source, DINOModule):
         backbone = source.teacher.backbone
-        hp = source.hparams
-        mean = mean or tuple(hp.mean)
-        std = std or tuple(hp.std)
+        hp = cast(_DINOHParams, source.hparams)
+        # tuple(): they may be lists (hyperparameters read from YAML).
+        mean = mean or cast(tuple[float, float, float], tuple(hp.mean))
+        std = std or cast(tuple[float, float, float], tuple(hp.std))
         input_size_px = input_size_px or hp.img_size
-        provenance.update(source="DINO teacher backbone", dino_hparams=dict(hp))
+        provenance.update(source="DINO teacher backbone", dino_hparams=dict(source.hparams))
     else:
         backbone = source
     source_cfg = getattr(backbone, "pretrained_cfg", None)

@@ -30,7 +30,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from milkit.errors import ConfigError, MilkitError
 from milkit.features.extract import cpu_supports_bf16
-from milkit.ssl.data import TileDataModule
+from milkit.ssl.data import TileDataModule, _TileDataHParams
 from milkit.ssl.dino import DINOModule
 from milkit.ssl.export import export_backbone
 
@@ -191,13 +191,12 @@ def _next_command(datamodule: TileDataModule, encoder_dir: Path) -> str:
     """
     slides = datamodule.slides
     spec = slides[0].tile_spec
-    slides_dir = datamodule.hparams.slides_dir or os.path.commonpath(
-        [str(s.slide_path.parent) for s in slides]
-    )
+    hp = cast(_TileDataHParams, datamodule.hparams)
+    slides_dir = hp.slides_dir or os.path.commonpath([str(s.slide_path.parent) for s in slides])
     words = [
         "milkit", "preprocess",
         str(Path(slides_dir).resolve()),
-        str(Path(datamodule.hparams.coords_dir).resolve().parent),
+        str(Path(hp.coords_dir).resolve().parent),
         "--encoder", f"local-dir:{encoder_dir.resolve()}",
         "--mpp", f"{spec.target_mpp:g}",
         "--tile-size", str(spec.tile_size_px),

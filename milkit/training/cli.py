@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from milkit.data.datamodule import MILDataModule
@@ -58,10 +59,12 @@ class MILCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a :class:`PredictionWriter` for ``predict`` when none is configured."""
         trainer = super().instantiate_trainer(**kwargs)
+        # Lightning's callback connector sets this list; the Trainer class does not declare it.
+        callbacks: list[Callback] = cast(Any, trainer).callbacks
         if self.subcommand == "predict" and not any(
-            isinstance(callback, PredictionWriter) for callback in trainer.callbacks
+            isinstance(callback, PredictionWriter) for callback in callbacks
         ):
-            trainer.callbacks.append(PredictionWriter())
+            callbacks.append(PredictionWriter())
         return trainer
 
 

@@ -26,8 +26,9 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -71,6 +72,7 @@ from milkit.training.continual_strategies import (
     OWLoRA,
     StageContext,
     Strategy,
+    _MultiHeadModel,
 )
 from milkit.training.continual_tasks import ContinualData, Item, load_task_sequence
 from milkit.training.cv import _quiet_lightning
@@ -165,7 +167,8 @@ def make_strategy(
     }
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}.")
-    cls = STRATEGIES[name]
+    # Strategies with options take them as their one argument, which type[Strategy] cannot say.
+    cls: Callable[..., Strategy] = STRATEGIES[name]
     return cls(options[name]) if name in options else cls()
 
 
@@ -223,7 +226,9 @@ def run_continual(parser: ArgumentParser, config: Namespace) -> dict[str, Any]:
         config.strategy, lora=init.lora, ewc=init.ewc, lwf=init.lwf, replay=init.replay
     )
     n_tasks = len(sequence.tasks)
-    stages = [tuple(range(n_tasks))] if strategy.joint else [(t,) for t in range(n_tasks)]
+    stages: list[tuple[int, ...]] = (
+        [tuple(range(n_tasks))] if strategy.joint else [(t,) for t in range(n_tasks)]
+    )
     contexts = [
         StageContext(k, tasks, sequence, init.data, config.seed + k)
         for k, tasks in enumerate(stages)
@@ -275,7 +280,7 @@ def _train_stage(
     strategy.grow(model, context)
     strategy.start(model, context)
     sequence = context.sequence
-    n_classes = sum(model.n_classes_per_task)
+    n_classes = sum(cast(_MultiHeadModel, model).n_classes_per_task)
     if init.bppl is not None:
         init.bppl.reset()
     module = ContinualModule(

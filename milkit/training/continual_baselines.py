@@ -28,6 +28,7 @@ from milkit.errors import ConfigError
 from milkit.models.output import MILOutput
 from milkit.training.continual_strategies import StageContext, Strategy
 from milkit.training.continual_tasks import Item
+from milkit.training.module import _model_logits
 
 if TYPE_CHECKING:
     from milkit.training.continual_module import ContinualModule
@@ -163,13 +164,14 @@ class LwF(Strategy):
         """``weight · T² · KL(teacher ‖ student)`` per earlier head, averaged over heads."""
         if self.teacher is None:
             return None
-        self.teacher.to(output.logits.device)
+        logits = _model_logits(output)
+        self.teacher.to(logits.device)
         with torch.no_grad():
-            old = module.run_model(self.teacher, batch).logits.float()
+            old = _model_logits(module.run_model(self.teacher, batch)).float()
         temperature = self.options.temperature
         losses = [
             F.kl_div(
-                (output.logits[:, part].float() / temperature).log_softmax(dim=-1),
+                (logits[:, part].float() / temperature).log_softmax(dim=-1),
                 (old[:, part] / temperature).softmax(dim=-1),
                 reduction="batchmean",
             )

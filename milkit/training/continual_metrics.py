@@ -36,6 +36,7 @@ from milkit.errors import FeatureFileError
 from milkit.training.bppl import minmax_within_bags
 from milkit.training.continual_module import ContinualModule
 from milkit.training.continual_strategies import StageContext
+from milkit.training.module import _model_logits
 
 #: Name of the optional per-tile truth dataset in a feature file.
 TILE_LABELS = "tile_labels"
@@ -107,7 +108,7 @@ def predict_bags(model: nn.Module, loader: DataLoader, device: torch.device) -> 
             coords=batch.coords.to(device),
         )
         output = ContinualModule.run_model(model, moved)
-        logits.append(output.logits.float().cpu().numpy())
+        logits.append(_model_logits(output).float().cpu().numpy())
         targets.append(batch.targets.numpy())
         weights = output.attention.float()
         weights = weights.mean(dim=-1) if weights.dim() == 3 else weights
@@ -277,7 +278,7 @@ def logit_drift(logits: np.ndarray, reference: np.ndarray | None) -> float:
     """
     if reference is None:
         return 0.0
-    return float(np.linalg.norm(logits - reference) / max(np.linalg.norm(reference), 1e-12))
+    return float(np.linalg.norm(logits - reference) / max(float(np.linalg.norm(reference)), 1e-12))
 
 
 def _finite(value: torch.Tensor) -> float | None:

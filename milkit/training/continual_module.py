@@ -20,10 +20,15 @@ from milkit.data.bags import BagBatch
 from milkit.models.output import MILOutput
 from milkit.training.bppl import BPPL
 from milkit.training.continual_strategies import Strategy
+from milkit.training.module import _batch_targets, _model_logits
 
 
 class ContinualModule(pl.LightningModule):
     """Trains a multi-head MIL model on one stage of a task sequence."""
+
+    # Buffers, declared so that attribute access is typed (not nn.Module.__getattr__'s union).
+    task_of_class: torch.Tensor
+    negative: torch.Tensor
 
     def __init__(
         self,
@@ -93,14 +98,15 @@ class ContinualModule(pl.LightningModule):
         Returns:
             The scalar loss.
         """
-        logits = output.logits.float()
+        logits = _model_logits(output).float()
         if not self.strategy.global_softmax:
             logits = self.task_logits(logits, targets)
         return F.cross_entropy(logits, targets)
 
     def training_step(self, batch: BagBatch, batch_idx: int) -> torch.Tensor:
         output = self(batch)
-        loss = self.classification_loss(output, batch.targets)
+        targets = _batch_targets(batch)
+        loss = self.classification_loss(output, targets)
         size = len(batch)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=size)
         if self.bppl is not None:
@@ -108,9 +114,9 @@ class ContinualModule(pl.LightningModule):
                 output.attention,
                 batch.features.float(),
                 batch.mask,
-                self.task_logits(output.logits, batch.targets),
-                batch.targets,
-                ~self.negative[batch.targets],
+                self.task_logits(_model_logits(output), targets),
+                targets,
+                ~self.negative[targets],
             )
             self.log("train/bppl_loss", instance, on_step=False, on_epoch=True, batch_size=size)
             loss = loss + instance
@@ -122,12 +128,13 @@ class ContinualModule(pl.LightningModule):
 
     def validation_step(self, batch: BagBatch, batch_idx: int) -> None:
         output = self(batch)
-        logits = output.logits.float()
+        targets = _batch_targets(batch)
+        logits = _model_logits(output).float()
         if not self.strategy.global_softmax:
-            logits = self.task_logits(logits, batch.targets)
-        correct = (logits.argmax(dim=-1) == batch.targets).float().mean()
+            logits = self.task_logits(logits, targets)
+        correct = (logits.argmax(dim=-1) == targets).float().mean()
         size = len(batch)
-        self.log("val/loss", F.cross_entropy(logits, batch.targets), batch_size=size)
+        self.log("val/loss", F.cross_entropy(logits, targets), batch_size=size)
         self.log("val/accuracy", correct, batch_size=size)
 
     def on_after_backward(self) -> None:

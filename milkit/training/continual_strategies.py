@@ -25,7 +25,7 @@ registry of names is :data:`milkit.training.continual.STRATEGIES`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 import torch
 from torch import nn
@@ -45,6 +45,18 @@ from milkit.training.continual_tasks import ContinualData, Item, TaskSequence
 
 if TYPE_CHECKING:
     from milkit.training.continual_module import ContinualModule
+
+
+class _MultiHeadModel(Protocol):
+    """What the continual code uses of a model with one head per task (``GDATMIL``).
+
+    Models are passed as ``nn.Module``; this only types the attributes read from them.
+    """
+
+    heads: nn.ModuleList
+    n_classes_per_task: list[int]
+
+    def add_task(self, n_classes: int) -> int: ...
 
 
 @dataclass
@@ -116,7 +128,7 @@ class Strategy:
         """
         if context.stage > 0:
             for task in context.tasks:
-                model.add_task(context.sequence.tasks[task].n_classes)
+                cast(_MultiHeadModel, model).add_task(context.sequence.tasks[task].n_classes)
 
     def start(self, model: nn.Module, context: StageContext) -> None:
         """Choose what trains in this stage (here: everything).
@@ -232,7 +244,7 @@ class LoRA(Strategy):
         for layer in lora_layers(model):
             for parameters in (layer.lora_A, layer.lora_B, layer.lora_scale):
                 parameters[-1].requires_grad_(True)
-        for head in model.heads[-len(context.tasks) :]:
+        for head in cast(_MultiHeadModel, model).heads[-len(context.tasks) :]:
             head.requires_grad_(True)
 
 

@@ -263,7 +263,8 @@ def _tasks_of_csvs(data: ContinualData, sources: list[str]) -> Found:
             raise LabelsError(f"{source}: no such labels CSV; check --data.labels_csv.")
         cohort = load_cohort(data.features_dir, source, target=data.target)  # type: ignore[arg-type]
         names = {row.task for row in cohort.rows}
-        name = names.pop() if len(names) == 1 and None not in names else Path(source).stem
+        single = names.pop() if len(names) == 1 else None  # the CSV's one task value, if any
+        name = single if single is not None else Path(source).stem
         if name in found:
             raise ConfigError(
                 f"{source}: task {name!r} is already given by another CSV; give each task "

@@ -166,7 +166,8 @@ class CVCLI(MILCLI):
                 "folds: drop the column or use `milkit fit` and `milkit test`."
             )
         if table.has_fold:
-            return sorted({row.fold for row in table.rows})  # type: ignore[type-var]
+            # read_labels gives every row a fold when the CSV has the column.
+            return sorted({row.fold for row in table.rows if row.fold is not None})
         if self.config.folds < 2:
             raise ConfigError(f"--folds must be at least 2, got {self.config.folds}.")
         return list(range(self.config.folds))

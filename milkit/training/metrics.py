@@ -15,6 +15,7 @@ import torch
 from torchmetrics import (
     MeanAbsoluteError,
     MeanSquaredError,
+    Metric,
     MetricCollection,
     PearsonCorrCoef,
     R2Score,
@@ -110,7 +111,7 @@ def regression_metrics(
     Returns:
         A collection updated with ``(predicted (B,), target (B,))`` float values.
     """
-    metrics = {
+    metrics: dict[str, Metric | MetricCollection] = {
         "mse": MeanSquaredError(),
         "mae": MeanAbsoluteError(),
         "r2": SafeR2Score(),

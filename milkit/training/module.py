@@ -175,10 +175,11 @@ class MILModule(pl.LightningModule):
             ``(B, C)`` class probabilities, or ``(B,)`` values in target units.
         """
         if self.task == "regression":
-            return output.value * self.target_scale
-        probabilities = output.logits.float().softmax(dim=-1)
+            return _model_value(output) * self.target_scale
+        probabilities = _model_logits(output).float().softmax(dim=-1)
         if self.instance_loss_weight > 0:
-            instance = critical_instance_logits(output.tile_scores, mask).float().softmax(dim=-1)
+            tile_scores = _model_tile_scores(output)
+            instance = critical_instance_logits(tile_scores, mask).float().softmax(dim=-1)
             w = self.instance_loss_weight
             probabilities = (1 - w) * probabilities + w * instance
         return probabilities
@@ -195,11 +196,12 @@ class MILModule(pl.LightningModule):
             The scalar loss.
         """
         if self.task == "regression":
-            return F.mse_loss(output.value.float(), targets.float() / self.target_scale)
+            return F.mse_loss(_model_value(output).float(), targets.float() / self.target_scale)
         w = self.instance_loss_weight
-        loss = (1 - w) * F.cross_entropy(output.logits.float(), targets, weight=self.loss_weights)
+        logits = _model_logits(output).float()
+        loss = (1 - w) * F.cross_entropy(logits, targets, weight=self.loss_weights)
         if w > 0:
-            instance = critical_instance_logits(output.tile_scores, mask).float()
+            instance = critical_instance_logits(_model_tile_scores(output), mask).float()
             loss = loss + w * F.cross_entropy(instance, targets, weight=self.loss_weights)
         return loss
 
@@ -213,7 +215,7 @@ class MILModule(pl.LightningModule):
     def training_step(self, batch: BagBatch, batch_idx: int) -> torch.Tensor:
         """Loss of one batch, logged as ``train/loss``."""
         output = self(batch.features, batch.mask)
-        loss = self.loss(output, batch.mask, batch.targets)
+        loss = self.loss(output, batch.mask, _batch_targets(batch))
         self.log("train/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch))
         return loss
 
@@ -316,9 +318,10 @@ class MILModule(pl.LightningModule):
 
     def _evaluate(self, batch: BagBatch, metrics: MetricCollection, loss_mean: MeanMetric) -> None:
         output = self(batch.features, batch.mask)
-        loss = self.loss(output, batch.mask, batch.targets)
+        targets = _batch_targets(batch)
+        loss = self.loss(output, batch.mask, targets)
         loss_mean.update(loss.detach(), weight=len(batch))
-        metrics.update(self.predictions(output, batch.mask), batch.targets)
+        metrics.update(self.predictions(output, batch.mask), targets)
 
     def _log_metrics(self, stage: str, metrics: MetricCollection, loss_mean: MeanMetric) -> None:
         if not self.trainer.sanity_checking:  # a couple of batches: their metrics mean nothing
@@ -334,6 +337,47 @@ class MILModule(pl.LightningModule):
             return float(value)
         index = int(np.argmax(value)) if isinstance(value, np.ndarray) else int(value)
         return self.class_names[index]
+
+
+def _batch_targets(batch: BagBatch) -> torch.Tensor:
+    """The batch's targets, which training and evaluation need.
+
+    Args:
+        batch: A batch of labelled bags.
+
+    Returns:
+        ``(B,)`` class indices or values.
+
+    Raises:
+        ConfigError: If the bags have no targets (no labels CSV).
+    """
+    if batch.targets is None:
+        raise ConfigError("the batch has no targets: training and evaluation need a labels CSV.")
+    return batch.targets
+
+
+def _model_logits(output: MILOutput) -> torch.Tensor:
+    """The output's class logits; a model without them cannot do classification."""
+    if output.logits is None:
+        raise ConfigError("the model returned no logits; classification needs a classifier.")
+    return output.logits
+
+
+def _model_value(output: MILOutput) -> torch.Tensor:
+    """The output's slide value; a model without one cannot do regression."""
+    if output.value is None:
+        raise ConfigError("the model returned no value; regression needs a regression model.")
+    return output.value
+
+
+def _model_tile_scores(output: MILOutput) -> torch.Tensor:
+    """The output's instance logits, which the critical-instance loss needs."""
+    if output.tile_scores is None:
+        raise ConfigError(
+            "the model returned no tile scores; instance_loss_weight > 0 needs a model with "
+            "instance logits (DSMIL)."
+        )
+    return output.tile_scores
 
 
 def _accepted_init_args(config: dict[str, Any], model_class: type) -> dict[str, Any]:
