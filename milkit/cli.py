@@ -260,6 +260,12 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="smaller cohort and encoder (about 3 minutes on 2 cores)",
     )
+    parser.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="pretrain the small DINO recipe on the cohort's tiles and extract with it instead "
+        "of a random ViT (about 4 more minutes)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.set_defaults(handler=_run_demo)  # fmt: skip
 
@@ -267,7 +273,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from milkit.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, pretrain=args.pretrain)
     return 0
 
 
