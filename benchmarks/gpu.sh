@@ -20,9 +20,9 @@ stage() {  # stage NAME SECONDS COMMAND...: run, log to OUT/NAME.txt, report a f
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-stage extract 100 python3 benchmarks/extract.py --device cuda --tiles 4096 --batch-size 256 \
+stage extract 90 python3 benchmarks/extract.py --device cuda --tiles 4096 --batch-size 256 \
     --num-workers "$workers" --encoder vit_small_patch16_224 vit_large_patch16_224
-stage train_loading 60 python3 benchmarks/train_loading.py --train-device cuda
-stage pretrain_full 200 python3 benchmarks/pretrain_small.py --work benchmarks/_work/full \
+stage train_loading 45 python3 benchmarks/train_loading.py --train-device cuda
+stage pretrain_full 150 python3 benchmarks/pretrain_small.py --work benchmarks/_work/full \
     --config configs/ssl/dino_vits16.yaml --mpp 0.5 --tile-size-px 256 --n-slides 12 \
-    --size-px 6144 --max-steps 300 --set "data.num_workers=$workers"
+    --size-px 6144 --max-steps 250 --set "data.num_workers=$workers"
