@@ -271,9 +271,9 @@ class BagDataset(Dataset[BagItem]):
         its tile subset, when one is set)."""
         if info.direct:
             features_dataset, coords_dataset = self._files.get(info.path)
-            # Some CLAM versions write (1, N, D); store.py accepts it, so read it too.
+            # Some CLAM versions write (1, N, D) and (1, N, 2); store.py accepts them, so read them.
             features = features_dataset[0] if features_dataset.ndim == 3 else features_dataset[()]
-            coords = coords_dataset[()]
+            coords = coords_dataset[0] if coords_dataset.ndim == 3 else coords_dataset[()]
         else:
             bag = read_bag(info.path)
             features, coords = bag.features, np.rint(bag.coords).astype(np.int64)

@@ -586,7 +586,9 @@ def _features_dataset(
     shape = (
         dataset.shape[1:] if len(dataset.shape) == 3 and dataset.shape[0] == 1 else dataset.shape
     )
-    num_coords = len(file["coords"]) if num_coords is None else num_coords
+    if num_coords is None:
+        coords_shape = file["coords"].shape  # (N, 2), or (1, N, 2) as some CLAM versions write
+        num_coords = coords_shape[1] if len(coords_shape) == 3 else coords_shape[0]
     if len(shape) != 2 or shape[0] != num_coords:
         raise FeatureFileError(
             f"{path}: `{name}` has shape {dataset.shape} but there are {num_coords} coords; "

@@ -17,12 +17,13 @@ from milkit.slides.tiling import TileSpec
 
 
 def _clam_file(path: Path, n: int, dim: int = 8, *, leading_axis: bool = False) -> np.ndarray:
-    """A CLAM-style file: ``features`` (N, D), or (1, N, D) as some CLAM versions write."""
+    """A CLAM-style file: ``features`` (N, D) and ``coords`` (N, 2), or (1, N, D) and (1, N, 2)
+    as some CLAM versions write."""
     features = np.arange(n * dim, dtype=np.float32).reshape(n, dim)
     coords = np.stack([np.arange(n) * 256, np.zeros(n)], axis=1).astype(np.int64)
     with h5py.File(path, "w") as file:
         file["features"] = features[None] if leading_axis else features
-        file["coords"] = coords
+        file["coords"] = coords[None] if leading_axis else coords
     return features
 
 

@@ -282,7 +282,7 @@ def test_reads_clam_files(tmp_path: Path, leading_one: bool) -> None:
     features, coords = _rows(np.random.default_rng(9), 6, dim=1024)
     with h5py.File(path, "w") as f:
         f["features"] = features[None] if leading_one else features
-        f["coords"] = coords.astype(np.int32)
+        f["coords"] = coords.astype(np.int32)[None] if leading_one else coords.astype(np.int32)
     bag = read_bag(path)
     assert bag.format == "clam" and bag.features.shape == (6, 1024)
     np.testing.assert_array_equal(bag.features, features)
