@@ -6,7 +6,7 @@ knows the milkit, CLAM, TRIDENT and STAMP formats). :class:`BagDataset` then rea
 for itself on first use (never pickled into DataLoader workers) and keeps open. Features keep
 their stored dtype (float16 halves the bytes moved); the training module casts them on its
 device. ``store.py`` has no such cheap per-item reader, so it lives here; files that need a
-conversion on read (STAMP's micron coordinates) go through :func:`milkit.features.store.read_bag`.
+conversion on read (STAMP's micron coordinates) go through :func:`milkit.features.formats.read_bag`.
 
 A *tile subset* (e.g. the tumour bed) is a boolean ``(N,)`` dataset in the feature file, named
 by the caller; tiles outside it are left out of the bag when it is read. That is the same as
@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from milkit.errors import FeatureFileError
-from milkit.features.store import read_bag, read_coords, read_features_dim
+from milkit.features.formats import read_bag, read_coords, read_features_dim
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from milkit.errors import FeatureFileError, SlideReadError
 from milkit.features.encoders import Encoder
-from milkit.features.store import TileFileWriter, read_coords
+from milkit.features.formats import read_coords
+from milkit.features.store import TileFileWriter
 from milkit.slides.reader import SlideReader, open_slide
 from milkit.slides.tiling import TileSpec, read_tile
 

@@ -19,7 +19,8 @@ import torch
 from milkit.batch import BatchSummary, ErrorLog, shard_suffix
 from milkit.features.encoders import Encoder
 from milkit.features.extract import ExtractionOptions, extract_slide
-from milkit.features.store import config_hash, file_status, read_coords, remove_stale_tmp_files
+from milkit.features.formats import read_coords
+from milkit.features.store import config_hash, file_status, remove_stale_tmp_files
 from milkit.slides.reader import slide_id_from_path
 from milkit.slides.tile_stage import TilingOptions, coords_path, run_tiling
 

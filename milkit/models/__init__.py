@@ -7,7 +7,8 @@ Every model takes ``features (B, N, D)`` and ``mask (B, N)`` (True = real tile) 
 from milkit.models.abmil import ABMIL
 from milkit.models.dsmil import DSMIL, critical_instance_logits, critical_instances
 from milkit.models.gdat import GDATMIL
-from milkit.models.lora import LoRALinear, apply_lora
+from milkit.models.lora import LoRALinear
+from milkit.models.lora_model import apply_lora
 from milkit.models.output import MILOutput
 from milkit.models.pooling import (
     AttentionPooling,

@@ -219,7 +219,7 @@ class GDATMIL(nn.Module):
 
     Class-incremental evaluation concatenates all heads' logits (``task=None``); task-incremental
     evaluation and training read one task's head. ``lora_targets`` names the layers OWLoRA adapts
-    (for :func:`milkit.models.lora.apply_lora`): the embedding, qkv, output projection, MLP
+    (for :func:`milkit.models.lora_model.apply_lora`): the embedding, qkv, output projection, MLP
     layers and the first layer of the attention pooling (its tanh and gate branches), not the heads.
     """
 

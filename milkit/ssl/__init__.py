@@ -6,7 +6,8 @@ batches, and `export_backbone` writes the teacher backbone as a timm ``local-dir
 """
 
 from milkit.ssl.augment import MultiCropAugmentation, collate_crops
-from milkit.ssl.dino import DINOHead, DINOLoss, DINOModule
+from milkit.ssl.dino import DINOHead, DINOLoss
+from milkit.ssl.dino_module import DINOModule
 from milkit.ssl.export import export_backbone
 
 __all__ = [

@@ -23,7 +23,7 @@ from torch import nn
 
 import milkit
 from milkit.errors import ConfigError, EncoderError
-from milkit.ssl.dino import DINOModule, _DINOHParams
+from milkit.ssl.dino_module import DINOModule, _DINOHParams
 
 __all__ = ["export_backbone"]
 

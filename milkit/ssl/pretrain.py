@@ -1,6 +1,6 @@
 """``milkit pretrain``: DINO pretraining on the cohort's tiles, then export of the teacher.
 
-A LightningCLI over :class:`~milkit.ssl.dino.DINOModule` and
+A LightningCLI over :class:`~milkit.ssl.dino_module.DINOModule` and
 :class:`~milkit.ssl.data.TileDataModule`::
 
     milkit pretrain --config configs/ssl/dino_tiny_cpu.yaml \\
@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from milkit.errors import ConfigError, MilkitError
 from milkit.features.extract import cpu_supports_bf16
 from milkit.ssl.data import TileDataModule, _TileDataHParams
-from milkit.ssl.dino import DINOModule
+from milkit.ssl.dino_module import DINOModule
 from milkit.ssl.export import export_backbone
 
 __all__ = ["PretrainCLI", "main", "resolve_precision", "run_pretraining"]

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from milkit.batch import find_slides
 from milkit.errors import ConfigError, FeatureFileError
-from milkit.features.store import read_coords
+from milkit.features.formats import read_coords
 from milkit.slides.reader import SlideReader, open_slide, slide_id_from_path
 from milkit.slides.tiling import TileSpec, read_tile
 

@@ -21,7 +21,8 @@ import h5py
 import numpy as np
 
 from milkit.errors import FeatureFileError
-from milkit.features.store import file_status, read_coords
+from milkit.features.formats import read_coords
+from milkit.features.store import file_status
 from milkit.synth.truth import load_truth, tile_truth
 
 TRUTH_DATASETS = ("tile_labels", "tile_tumor_fraction", "tile_til_density", "tile_class")

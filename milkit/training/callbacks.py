@@ -32,7 +32,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 import milkit
-from milkit.features.store import TMP_SUFFIX, read_coords
+from milkit.features.formats import read_coords
+from milkit.features.store import TMP_SUFFIX
 from milkit.training.module import MILModule, SlidePrediction
 
 PREDICTIONS_DIR = "predictions"

@@ -7,7 +7,7 @@ stage adds a linear head per new task (class-incremental evaluation concatenates
 - ``finetune`` (lower bound): the whole model trains on each task in turn (its own head's
   cross-entropy); nothing protects earlier tasks.
 - ``lora``: the first task trains the whole model; each later task adds a LoRA adapter to the
-  adapted Linear layers (:mod:`milkit.models.lora`) and trains only the newest adapters and
+  adapted Linear layers (:mod:`milkit.models.lora_model`) and trains only the newest adapters and
   the new head. Everything else is frozen, LayerNorms and earlier heads included.
 - ``owlora`` (CoMEL, papers.md D.3): ``lora`` plus the orthogonality penalty λ and the
   projection of the new adapters' gradients (after ``backward``) and weights (after the
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from milkit.data.bags import BagBatch
-from milkit.models.lora import (
+from milkit.models.lora_model import (
     add_lora_adapters,
     apply_lora,
     lora_layers,

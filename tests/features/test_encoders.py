@@ -17,13 +17,8 @@ import torch
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
 
 from milkit.errors import EncoderError
-from milkit.features.encoders import (
-    Encoder,
-    EncoderSpec,
-    list_presets,
-    load_encoder,
-    presets_help,
-)
+from milkit.features.encoder_presets import EncoderSpec, list_presets, presets_help
+from milkit.features.encoders import Encoder, load_encoder
 
 # One real CPU build in the fast suite; the others' architectures are checked on "meta" there.
 FAST_REAL_BUILD = "kaiko-vits16"

@@ -14,8 +14,9 @@ from milkit.cli import main
 from milkit.errors import EncoderError
 from milkit.features.encoders import Encoder, load_encoder
 from milkit.features.extract import ExtractionOptions
+from milkit.features.formats import read_bag, read_coords
 from milkit.features.preprocess_stage import features_path, run_preprocess
-from milkit.features.store import file_status, read_bag, read_coords
+from milkit.features.store import file_status
 from milkit.slides.reader import open_slide
 from milkit.slides.tile_stage import TilingOptions
 from milkit.slides.tiling import read_tile

@@ -13,14 +13,12 @@ import pytest
 
 import milkit
 from milkit.errors import ConfigError, FeatureFileError
+from milkit.features.formats import read_bag, read_coords, read_features_dim
 from milkit.features.store import (
     TileFileWriter,
     config_hash,
     file_status,
     is_complete,
-    read_bag,
-    read_coords,
-    read_features_dim,
     remove_stale_tmp_files,
     write_coords_file,
 )

@@ -13,13 +13,12 @@ from torch import nn
 
 from milkit.errors import ConfigError
 from milkit.models.gdat import GDATMIL
-from milkit.models.lora import (
-    LoRALinear,
+from milkit.models.lora import LoRALinear, principal_rank
+from milkit.models.lora_model import (
     add_lora_adapters,
     apply_lora,
     lora_layers,
     lora_orthogonality_penalty,
-    principal_rank,
     project_lora_gradients,
     project_lora_weights,
     protect_seen_inputs,

@@ -13,7 +13,8 @@ from PIL import Image
 from milkit.batch import find_slides, parse_shard, take_shard
 from milkit.cli import main
 from milkit.errors import ConfigError
-from milkit.features.store import file_status, read_coords
+from milkit.features.formats import read_coords
+from milkit.features.store import file_status
 
 
 def write_blob_image(

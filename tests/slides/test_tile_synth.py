@@ -16,7 +16,8 @@ import pytest
 import tifffile
 
 from milkit.cli import main
-from milkit.features.store import file_status, read_coords
+from milkit.features.formats import read_coords
+from milkit.features.store import file_status
 from milkit.slides.reader import open_slide
 from milkit.slides.tile_stage import TilingOptions, tile_slide
 from milkit.synth import SlideParams, load_truth, tile_truth, write_slide

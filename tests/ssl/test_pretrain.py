@@ -13,7 +13,7 @@ from milkit.features.encoders import load_encoder
 from milkit.slides.tile_stage import TilingOptions, tile_slide
 from milkit.ssl import pretrain
 from milkit.ssl.data import TileDataModule
-from milkit.ssl.dino import DINOModule
+from milkit.ssl.dino_module import DINOModule
 from milkit.synth import SlideParams, write_slide
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ssl"

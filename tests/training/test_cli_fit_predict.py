@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from milkit.data.synthetic import WitnessCohort, write_witness_cohort
-from milkit.features.store import read_bag
+from milkit.features.formats import read_bag
 from milkit.models import ABMIL, DSMIL
 from milkit.training.cli import build_cli, run_lightning
 from milkit.training.module import MILModule
