@@ -1,6 +1,9 @@
 """Run every stage benchmark and write ``benchmarks/results.md`` with the machine they ran on.
 
     python benchmarks/run_all.py [--skip pretrain_small] [--out benchmarks/results.md]
+    python benchmarks/run_all.py --gpu-results DIR   # add (or replace) the GPU section only
+
+``DIR`` is the output folder of ``bash benchmarks/gpu.sh DIR`` run on a GPU machine.
 
 Each script prints figures as ratios to a reference measured in the same run (model-only
 throughput for extraction, raw h5py reads for training data loading, thumbnail reads for
@@ -38,6 +41,28 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {gpu}, torch {torch.__version__}"
 
 
+GPU_HEADING = "## GPU (benchmarks/gpu.sh)"
+GPU_STAGES = ("gpu", "extract", "train_loading", "pretrain_full")
+
+
+def add_gpu_section(results: Path, folder: Path) -> None:
+    """Replace the GPU section of ``results`` by the stage outputs of ``gpu.sh`` in ``folder``."""
+    text = results.read_text() if results.is_file() else "# milkit benchmarks\n"
+    text = text.split(f"\n{GPU_HEADING}")[0].rstrip() + "\n"
+    noise = ("Warning", "warn(", "Tip:", "available:", "Seed set", "LOCAL_RANK", "┃", "┏", "┡",
+             "│", "└", "params", "Modules in", "FLOPs", "Precision", "You are using", "`Trainer",
+             "deprecated", "log_every_n_steps", "checkpoint:", "encoder:", "next:")  # fmt: skip
+    sections = [GPU_HEADING, ""]
+    for stage in GPU_STAGES:
+        path = folder / f"{stage}.txt"
+        if path.is_file():
+            lines = [line for line in path.read_text().splitlines()
+                     if line.strip() and not any(word in line for word in noise)]  # fmt: skip
+            sections += [f"### {stage}", "", "```", *lines, "```", ""]
+    results.write_text(text + "\n" + "\n".join(sections))
+    print(f"wrote the GPU section of {results}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -45,7 +70,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=HERE / "results.md")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per benchmark")
+    parser.add_argument("--gpu-results", type=Path, default=None, metavar="DIR",
+                        help="only put gpu.sh's outputs from DIR into the GPU section")  # fmt: skip
     args = parser.parse_args()
+    if args.gpu_results is not None:
+        add_gpu_section(args.out, args.gpu_results)
+        return
 
     sections = [
         "# milkit benchmarks",
