@@ -301,10 +301,10 @@ def _train_stage(
         context,
         device,
         previous_thresholds=previous[-1]["tile_thresholds"] if previous else {},
-        reference_logits={
-            name: np.asarray(result["task_logits"][name])
+        reference_logits={  # stages run by milkit before logit drift existed have none
+            name: np.asarray(logits)
             for result in previous
-            for name in result["tasks"]
+            for name, logits in result.get("task_logits", {}).items()
         },
     )
     model.cpu()

@@ -262,22 +262,24 @@ def evaluate_stage(
         predictions = predict(t, "test")
         logits[name] = predictions.logits[:, classes]
         metrics[name] = task_metrics(predictions, classes, sequence.negative, thresholds.get(name))
-        metrics[name]["logit_drift"] = logit_drift(logits[name], reference_logits.get(name))
+        metrics[name]["logit_drift"] = (
+            0.0 if t in context.tasks else logit_drift(logits[name], reference_logits.get(name))
+        )
     return thresholds, metrics, logits
 
 
-def logit_drift(logits: np.ndarray, reference: np.ndarray | None) -> float:
+def logit_drift(logits: np.ndarray, reference: np.ndarray | None) -> float | None:
     """How far a task's own-head outputs moved since it was learnt: ``‖L − L₀‖ / ‖L₀‖``.
 
     Args:
         logits: ``(n_test, C_j)`` the task head's test logits now.
-        reference: The same right after the task was learnt; None if it was learnt now.
+        reference: The same right after the task was learnt; None when not recorded.
 
     Returns:
-        The relative Frobenius change (0 for a task learnt in this stage).
+        The relative Frobenius change, or None without a reference.
     """
     if reference is None:
-        return 0.0
+        return None
     return float(np.linalg.norm(logits - reference) / max(float(np.linalg.norm(reference)), 1e-12))
 
 

@@ -125,8 +125,16 @@ def test_resume_continues_after_the_last_finished_stage(
     assert (out / "stage0_t0" / "model.pt").stat().st_mtime_ns == stage0  # not retrained
     assert not (out / "stage1_t1" / "model.pt.tmp").exists()  # the stage started over
     resumed = json.loads((out / "results.json").read_text())
-    for key in ("accuracy_matrix", "task_accuracy_matrix", "tile_auroc_matrix"):
+    for key in ("accuracy_matrix", "task_accuracy_matrix", "tile_auroc_matrix", "logit_drift"):
         assert resumed[key] == first[key], key  # seeded per stage: the same as uninterrupted
+    # A stage finished by a milkit without logit drift: resumed, its drift is unknown, not 0.
+    stage0_result = out / "stage0_t0" / "result.json"
+    old = json.loads(stage0_result.read_text())
+    del old["task_logits"]
+    stage0_result.write_text(json.dumps(old))
+    (out / "stage1_t1" / "result.json").unlink()
+    assert main(cli(tasks, out)) == 0
+    assert json.loads((out / "results.json").read_text())["logit_drift_matrix"][1] == [None, 0.0]
     # A finished run is not retrained; another configuration is refused.
     stage1 = (out / "stage1_t1" / "model.pt").stat().st_mtime_ns
     assert main(cli(tasks, out)) == 0
