@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -29,15 +28,6 @@ TINY = dict(
     bottleneck_dim=32,
     n_local_crops=N_LOCAL,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # tiny models run faster on one thread, and do not fight other processes for 2 cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _augmentation() -> MultiCropAugmentation:

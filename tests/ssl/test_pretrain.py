@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from milkit.synth import SlideParams, write_slide
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ssl"
 MEAN, STD = (0.7, 0.55, 0.7), (0.2, 0.25, 0.2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # tiny models run fastest on one thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

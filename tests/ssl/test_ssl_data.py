@@ -9,33 +9,9 @@ import pytest
 import torch
 
 from milkit.errors import ConfigError
-from milkit.slides.tile_stage import TilingOptions, tile_slide
 from milkit.slides.tiling import TileSpec
 from milkit.ssl.data import TileDataModule, TileSampler
 from milkit.ssl.tiles import CohortTileDataset, SlideTiles
-from milkit.synth import SlideParams, write_slide
-
-TILE_PX = 64
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two small synthetic slides tiled at 1 µm/px: ``slides/``, ``tiles/coords/``."""
-    root = tmp_path_factory.mktemp("ssl_data")
-    for i, size in enumerate((448, 384)):
-        info = write_slide(
-            root / "slides" / f"slide_{i}.svs",
-            SlideParams(seed=10 + i, tumor=True, artefacts=False),
-            mpp=1.0,
-            size_px=(size, size),
-            truth_path=root / "truth" / f"slide_{i}.h5",
-        )
-        tile_slide(
-            info.slide_path,
-            root / "tiles",
-            TilingOptions(target_mpp=1.0, tile_size_px=TILE_PX, min_tissue=0.25),
-        )
-    return root
 
 
 def _fake_slides(counts: list[int]) -> CohortTileDataset:

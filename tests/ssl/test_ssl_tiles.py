@@ -12,41 +12,21 @@ import pytest
 
 from milkit.errors import ConfigError
 from milkit.slides.reader import open_slide
-from milkit.slides.tile_stage import TilingOptions, tile_slide
 from milkit.slides.tiling import read_tile
 from milkit.ssl.tiles import CohortTileDataset, find_slide_tiles
-from milkit.synth import SlideParams, write_slide
-
-TILE_PX = 64
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two small synthetic slides tiled at 1 µm/px: ``slides/``, ``tiles/coords/``."""
-    root = tmp_path_factory.mktemp("ssl_data")
-    for i, size in enumerate((448, 384)):
-        info = write_slide(
-            root / "slides" / f"slide_{i}.svs",
-            SlideParams(seed=10 + i, tumor=True, artefacts=False),
-            mpp=1.0,
-            size_px=(size, size),
-            truth_path=root / "truth" / f"slide_{i}.h5",
-        )
-        tile_slide(
-            info.slide_path,
-            root / "tiles",
-            TilingOptions(target_mpp=1.0, tile_size_px=TILE_PX, min_tissue=0.25),
-        )
-    return root
-
-
-def test_slides_are_found_by_id_or_recorded_path(cohort: Path, tmp_path: Path) -> None:
+def test_slides_are_found_by_id_or_recorded_path(
+    cohort: Path, cohort_tile_px: int, tmp_path: Path
+) -> None:
     recorded = find_slide_tiles(cohort / "tiles" / "coords")
     assert [s.slide_id for s in recorded] == ["slide_0", "slide_1"]
     assert all(
         s.slide_path == (cohort / "slides" / f"{s.slide_id}.svs").resolve() for s in recorded
     )
-    assert all(len(s.coords_level0) > 0 and s.tile_spec.tile_size_px == TILE_PX for s in recorded)
+    assert all(
+        len(s.coords_level0) > 0 and s.tile_spec.tile_size_px == cohort_tile_px for s in recorded
+    )
 
     moved = tmp_path / "moved" / "deeper"
     moved.mkdir(parents=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,6 @@ from milkit.training.continual_synth import FeatureTasks, write_feature_tasks
 from milkit.training.continual_tasks import ContinualData, load_task_sequence
 
 SMALL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "continual" / "gdat_small_cpu.yaml"
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,11 @@ BPPL only acts on bags classified with confidence > 0.95, which some seeds never
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from milkit.training.continual import main
 from milkit.training.continual_synth import FeatureTasks, write_feature_tasks
@@ -25,15 +23,6 @@ pytestmark = pytest.mark.slow
 
 SMALL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "continual" / "gdat_small_cpu.yaml"
 STRATEGIES = ("joint", "finetune", "lora", "owlora")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(tasks: FeatureTasks, out: Path, strategy: str, seed: int, *extra: str) -> dict[str, Any]:

@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
 from milkit.training.continual_synth import write_feature_tasks
 
-PIPELINE = Path(__file__).resolve().parents[2] / "pipelines" / "continual_compare.py"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
-def pipeline() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("continual_compare", PIPELINE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def pipeline(load_pipeline: Callable[[str], ModuleType]) -> ModuleType:
+    return load_pipeline("continual_compare")
 
 
 def test_every_strategy_runs_on_the_same_tasks_and_is_compared(

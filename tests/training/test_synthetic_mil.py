@@ -9,7 +9,6 @@ on held-out bags, and its attention must rank witness tiles above the others (ti
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -29,15 +28,6 @@ from milkit.training.cv import main as cv_main
 from milkit.training.module import MILModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: intra-op threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tile_auroc(attention: dict[str, np.ndarray], cohort: WitnessCohort) -> float:

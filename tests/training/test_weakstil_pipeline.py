@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
 from milkit.heatmaps.predictions import read_predictions
 from milkit.synth import make_cohort
@@ -20,22 +18,9 @@ from milkit.synth import make_cohort
 PIPELINE = Path(__file__).resolve().parents[2] / "pipelines" / "weakstil.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: intra-op threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def pipeline() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("weakstil_pipeline", PIPELINE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def pipeline(load_pipeline: Callable[[str], ModuleType]) -> ModuleType:
+    return load_pipeline("weakstil")
 
 
 def test_help_documents_the_options() -> None:
