@@ -112,7 +112,7 @@ class TileSampler(DistributedSampler):
         return self.num_samples
 
 
-class _TileDataHParams(Protocol):
+class TileDataHParams(Protocol):
     """:class:`TileDataModule`'s ``hparams`` (its ``__init__`` arguments), typed.
 
     Lightning types ``hparams`` as a plain mapping; reading it through this gives each
@@ -219,7 +219,7 @@ class TileDataModule(L.LightningDataModule):
         """
         if self.dataset is not None:
             return
-        hp = cast(_TileDataHParams, self.hparams)
+        hp = cast(TileDataHParams, self.hparams)
         slides = find_slide_tiles(hp.coords_dir, hp.slides_dir)
         self.dataset = CohortTileDataset(
             slides, self.augmentation, max_open_slides=hp.max_open_slides
@@ -243,7 +243,7 @@ class TileDataModule(L.LightningDataModule):
             if self.trainer is not None
             else (1, 0)
         )
-        hp = cast(_TileDataHParams, self.hparams)
+        hp = cast(TileDataHParams, self.hparams)
         return TileSampler(
             self._dataset(),
             max_tiles_per_slide=hp.max_tiles_per_slide,
@@ -261,11 +261,11 @@ class TileDataModule(L.LightningDataModule):
     @property
     def steps_per_epoch(self) -> int:
         """Full batches per epoch on one device (after ``setup``)."""
-        return len(self._sampler()) // cast(_TileDataHParams, self.hparams).batch_size
+        return len(self._sampler()) // cast(TileDataHParams, self.hparams).batch_size
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled multi-crop batches (see `TileSampler` for the order)."""
-        hp = cast(_TileDataHParams, self.hparams)
+        hp = cast(TileDataHParams, self.hparams)
         workers = hp.num_workers
         return DataLoader(
             self._dataset(),

@@ -33,7 +33,7 @@ class DINOSchedule(NamedTuple):
     teacher_temp: float
 
 
-class _DINOHParams(Protocol):
+class DINOHParams(Protocol):
     """:class:`DINOModule`'s ``hparams`` (its ``__init__`` arguments), typed.
 
     Lightning types ``hparams`` as a plain mapping; reading it through this gives each
@@ -161,7 +161,7 @@ class DINOModule(L.LightningModule):
         self._ema_step = 0
 
     def _build_network(self, drop_path_rate: float) -> DINONetwork:
-        hp = cast(_DINOHParams, self.hparams)
+        hp = cast(DINOHParams, self.hparams)
         try:
             backbone = timm.create_model(
                 hp.backbone,
@@ -200,7 +200,7 @@ class DINOModule(L.LightningModule):
             {"params": decay, "milkit_decay": True},
             {"params": no_decay, "milkit_decay": False, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=cast(_DINOHParams, self.hparams).lr)
+        return torch.optim.AdamW(groups, lr=cast(DINOHParams, self.hparams).lr)
 
     def on_train_start(self) -> None:
         """Fix the schedule geometry once the trainer knows the data."""
@@ -237,7 +237,7 @@ class DINOModule(L.LightningModule):
             The learning rate (scaled by the global batch / 256), weight decay, teacher
             momentum and teacher temperature for that step.
         """
-        hp = cast(_DINOHParams, self.hparams)
+        hp = cast(DINOHParams, self.hparams)
         global_batch = batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
         warmup_steps = hp.warmup_epochs * self._steps_per_epoch
         return DINOSchedule(
@@ -296,7 +296,7 @@ class DINOModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip gradients per tensor and keep the prototypes fixed in the first epochs."""
-        hp = cast(_DINOHParams, self.hparams)
+        hp = cast(DINOHParams, self.hparams)
         if hp.clip_grad is not None:
             for param in self.student.parameters():
                 if param.grad is not None:

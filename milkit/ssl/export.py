@@ -23,7 +23,7 @@ from torch import nn
 
 import milkit
 from milkit.errors import ConfigError, EncoderError
-from milkit.ssl.dino_module import DINOModule, _DINOHParams
+from milkit.ssl.dino_module import DINOHParams, DINOModule
 
 __all__ = ["export_backbone"]
 
@@ -97,7 +97,7 @@ def export_backbone(
     provenance: dict[str, Any] = {"milkit_version": milkit.__version__}
     if isinstance(source, DINOModule):
         backbone = source.teacher.backbone
-        hp = cast(_DINOHParams, source.hparams)
+        hp = cast(DINOHParams, source.hparams)
         # tuple(): they may be lists (hyperparameters read from YAML).
         mean = mean or cast(tuple[float, float, float], tuple(hp.mean))
         std = std or cast(tuple[float, float, float], tuple(hp.std))

@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from milkit.errors import ConfigError, MilkitError
 from milkit.features.extract import cpu_supports_bf16
-from milkit.ssl.data import TileDataModule, _TileDataHParams
+from milkit.ssl.data import TileDataHParams, TileDataModule
 from milkit.ssl.dino_module import DINOModule
 from milkit.ssl.export import export_backbone
 
@@ -191,7 +191,7 @@ def _next_command(datamodule: TileDataModule, encoder_dir: Path) -> str:
     """
     slides = datamodule.slides
     spec = slides[0].tile_spec
-    hp = cast(_TileDataHParams, datamodule.hparams)
+    hp = cast(TileDataHParams, datamodule.hparams)
     slides_dir = hp.slides_dir or os.path.commonpath([str(s.slide_path.parent) for s in slides])
     words = [
         "milkit", "preprocess",

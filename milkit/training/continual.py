@@ -69,13 +69,13 @@ from milkit.training.continual_strategies import (
     Joint,
     LoRA,
     LoRAOptions,
+    MultiHeadModel,
     OWLoRA,
     StageContext,
     Strategy,
-    _MultiHeadModel,
 )
 from milkit.training.continual_tasks import ContinualData, Item, load_task_sequence
-from milkit.training.cv import _quiet_lightning
+from milkit.training.cv import quiet_lightning
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Joint, Finetune, LoRA, OWLoRA, EWC, LwF, Replay)
@@ -280,7 +280,7 @@ def _train_stage(
     strategy.grow(model, context)
     strategy.start(model, context)
     sequence = context.sequence
-    n_classes = sum(cast(_MultiHeadModel, model).n_classes_per_task)
+    n_classes = sum(cast(MultiHeadModel, model).n_classes_per_task)
     if init.bppl is not None:
         init.bppl.reset()
     module = ContinualModule(
@@ -396,7 +396,7 @@ def main(argv: list[str]) -> int:
     parser = build_parser()
     try:
         config = parser.parse_args(list(argv))
-        with warnings.catch_warnings(), _quiet_lightning():
+        with warnings.catch_warnings(), quiet_lightning():
             # Small task sets trip Lightning's hints about workers and logging intervals.
             warnings.filterwarnings("ignore", r".*does not have many workers.*")
             warnings.filterwarnings("ignore", r".*smaller than the logging interval.*")

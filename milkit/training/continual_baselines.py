@@ -28,7 +28,7 @@ from milkit.errors import ConfigError
 from milkit.models.output import MILOutput
 from milkit.training.continual_strategies import StageContext, Strategy
 from milkit.training.continual_tasks import Item
-from milkit.training.module import _model_logits
+from milkit.training.module import model_logits
 
 if TYPE_CHECKING:
     from milkit.training.continual_module import ContinualModule
@@ -164,10 +164,10 @@ class LwF(Strategy):
         """``weight · T² · KL(teacher ‖ student)`` per earlier head, averaged over heads."""
         if self.teacher is None:
             return None
-        logits = _model_logits(output)
+        logits = model_logits(output)
         self.teacher.to(logits.device)
         with torch.no_grad():
-            old = _model_logits(module.run_model(self.teacher, batch)).float()
+            old = model_logits(module.run_model(self.teacher, batch)).float()
         temperature = self.options.temperature
         losses = [
             F.kl_div(

@@ -36,7 +36,7 @@ from milkit.errors import FeatureFileError
 from milkit.training.bppl import minmax_within_bags
 from milkit.training.continual_module import ContinualModule
 from milkit.training.continual_strategies import StageContext
-from milkit.training.module import _model_logits
+from milkit.training.module import model_logits
 
 #: Name of the optional per-tile truth dataset in a feature file.
 TILE_LABELS = "tile_labels"
@@ -108,7 +108,7 @@ def predict_bags(model: nn.Module, loader: DataLoader, device: torch.device) -> 
             coords=batch.coords.to(device),
         )
         output = ContinualModule.run_model(model, moved)
-        logits.append(_model_logits(output).float().cpu().numpy())
+        logits.append(model_logits(output).float().cpu().numpy())
         targets.append(batch.targets.numpy())
         weights = output.attention.float()
         weights = weights.mean(dim=-1) if weights.dim() == 3 else weights

@@ -20,7 +20,7 @@ from milkit.data.bags import BagBatch
 from milkit.models.output import MILOutput
 from milkit.training.bppl import BPPL
 from milkit.training.continual_strategies import Strategy
-from milkit.training.module import _batch_targets, _model_logits
+from milkit.training.module import batch_targets, model_logits
 
 
 class ContinualModule(pl.LightningModule):
@@ -98,14 +98,14 @@ class ContinualModule(pl.LightningModule):
         Returns:
             The scalar loss.
         """
-        logits = _model_logits(output).float()
+        logits = model_logits(output).float()
         if not self.strategy.global_softmax:
             logits = self.task_logits(logits, targets)
         return F.cross_entropy(logits, targets)
 
     def training_step(self, batch: BagBatch, batch_idx: int) -> torch.Tensor:
         output = self(batch)
-        targets = _batch_targets(batch)
+        targets = batch_targets(batch)
         loss = self.classification_loss(output, targets)
         size = len(batch)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=size)
@@ -114,7 +114,7 @@ class ContinualModule(pl.LightningModule):
                 output.attention,
                 batch.features.float(),
                 batch.mask,
-                self.task_logits(_model_logits(output), targets),
+                self.task_logits(model_logits(output), targets),
                 targets,
                 ~self.negative[targets],
             )
@@ -128,8 +128,8 @@ class ContinualModule(pl.LightningModule):
 
     def validation_step(self, batch: BagBatch, batch_idx: int) -> None:
         output = self(batch)
-        targets = _batch_targets(batch)
-        logits = _model_logits(output).float()
+        targets = batch_targets(batch)
+        logits = model_logits(output).float()
         if not self.strategy.global_softmax:
             logits = self.task_logits(logits, targets)
         correct = (logits.argmax(dim=-1) == targets).float().mean()

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from milkit.training.continual_module import ContinualModule
 
 
-class _MultiHeadModel(Protocol):
+class MultiHeadModel(Protocol):
     """What the continual code uses of a model with one head per task (``GDATMIL``).
 
     Models are passed as ``nn.Module``; this only types the attributes read from them.
@@ -128,7 +128,7 @@ class Strategy:
         """
         if context.stage > 0:
             for task in context.tasks:
-                cast(_MultiHeadModel, model).add_task(context.sequence.tasks[task].n_classes)
+                cast(MultiHeadModel, model).add_task(context.sequence.tasks[task].n_classes)
 
     def start(self, model: nn.Module, context: StageContext) -> None:
         """Choose what trains in this stage (here: everything).
@@ -244,7 +244,7 @@ class LoRA(Strategy):
         for layer in lora_layers(model):
             for parameters in (layer.lora_A, layer.lora_B, layer.lora_scale):
                 parameters[-1].requires_grad_(True)
-        for head in cast(_MultiHeadModel, model).heads[-len(context.tasks) :]:
+        for head in cast(MultiHeadModel, model).heads[-len(context.tasks) :]:
             head.requires_grad_(True)
 
 

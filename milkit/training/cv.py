@@ -284,7 +284,7 @@ def main(argv: list[str]) -> int:
         0 on success, 2 on a milkit error (message on stderr), else the parser's exit code.
     """
     try:
-        with warnings.catch_warnings(), _quiet_lightning():
+        with warnings.catch_warnings(), quiet_lightning():
             # Small cohorts trip Lightning's hints about workers and logging intervals per fold.
             warnings.filterwarnings("ignore", r".*does not have many workers.*")
             warnings.filterwarnings("ignore", r".*smaller than the logging interval.*")
@@ -298,7 +298,7 @@ def main(argv: list[str]) -> int:
 
 
 @contextmanager
-def _quiet_lightning() -> Iterator[None]:
+def quiet_lightning() -> Iterator[None]:
     """Raise Lightning's loggers to WARNING for the duration (no per-fold banners)."""
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in loggers]

@@ -175,8 +175,8 @@ class MILModule(pl.LightningModule):
             ``(B, C)`` class probabilities, or ``(B,)`` values in target units.
         """
         if self.task == "regression":
-            return _model_value(output) * self.target_scale
-        probabilities = _model_logits(output).float().softmax(dim=-1)
+            return model_value(output) * self.target_scale
+        probabilities = model_logits(output).float().softmax(dim=-1)
         if self.instance_loss_weight > 0:
             tile_scores = _model_tile_scores(output)
             instance = critical_instance_logits(tile_scores, mask).float().softmax(dim=-1)
@@ -196,9 +196,9 @@ class MILModule(pl.LightningModule):
             The scalar loss.
         """
         if self.task == "regression":
-            return F.mse_loss(_model_value(output).float(), targets.float() / self.target_scale)
+            return F.mse_loss(model_value(output).float(), targets.float() / self.target_scale)
         w = self.instance_loss_weight
-        logits = _model_logits(output).float()
+        logits = model_logits(output).float()
         loss = (1 - w) * F.cross_entropy(logits, targets, weight=self.loss_weights)
         if w > 0:
             instance = critical_instance_logits(_model_tile_scores(output), mask).float()
@@ -215,7 +215,7 @@ class MILModule(pl.LightningModule):
     def training_step(self, batch: BagBatch, batch_idx: int) -> torch.Tensor:
         """Loss of one batch, logged as ``train/loss``."""
         output = self(batch.features, batch.mask)
-        loss = self.loss(output, batch.mask, _batch_targets(batch))
+        loss = self.loss(output, batch.mask, batch_targets(batch))
         self.log("train/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch))
         return loss
 
@@ -318,7 +318,7 @@ class MILModule(pl.LightningModule):
 
     def _evaluate(self, batch: BagBatch, metrics: MetricCollection, loss_mean: MeanMetric) -> None:
         output = self(batch.features, batch.mask)
-        targets = _batch_targets(batch)
+        targets = batch_targets(batch)
         loss = self.loss(output, batch.mask, targets)
         loss_mean.update(loss.detach(), weight=len(batch))
         metrics.update(self.predictions(output, batch.mask), targets)
@@ -339,7 +339,7 @@ class MILModule(pl.LightningModule):
         return self.class_names[index]
 
 
-def _batch_targets(batch: BagBatch) -> torch.Tensor:
+def batch_targets(batch: BagBatch) -> torch.Tensor:
     """The batch's targets, which training and evaluation need.
 
     Args:
@@ -356,14 +356,14 @@ def _batch_targets(batch: BagBatch) -> torch.Tensor:
     return batch.targets
 
 
-def _model_logits(output: MILOutput) -> torch.Tensor:
+def model_logits(output: MILOutput) -> torch.Tensor:
     """The output's class logits; a model without them cannot do classification."""
     if output.logits is None:
         raise ConfigError("the model returned no logits; classification needs a classifier.")
     return output.logits
 
 
-def _model_value(output: MILOutput) -> torch.Tensor:
+def model_value(output: MILOutput) -> torch.Tensor:
     """The output's slide value; a model without one cannot do regression."""
     if output.value is None:
         raise ConfigError("the model returned no value; regression needs a regression model.")
