@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
+from typing import cast
 
 import torch
 from torch import nn
@@ -182,25 +183,25 @@ def protect_seen_inputs(module: nn.Module, run: Callable[[], object], energy: fl
     if not 0.0 < energy <= 1.0:
         raise ConfigError(f"protect_seen_inputs: energy must be in (0, 1], got {energy!r}.")
     layers = _require_lora(module)
-    grams = [
-        layer.base.weight.new_zeros(layer.in_features, layer.in_features, dtype=torch.float64)
+    grams = {  # only the layers that keep what they saw are recorded
+        layer: layer.base.weight.new_zeros(
+            layer.in_features, layer.in_features, dtype=torch.float64
+        )
         for layer in layers
-    ]
+        if layer.protect_features
+    }
 
-    def accumulate(index: int) -> Callable[..., None]:
-        def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().reshape(-1, layers[index].in_features).double()
-            grams[index] += x.T @ x
+    def accumulate(layer: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        grams[cast(LoRALinear, layer)] += x.T @ x
 
-        return hook
-
-    handles = [layer.register_forward_pre_hook(accumulate(i)) for i, layer in enumerate(layers)]
+    handles = [layer.register_forward_pre_hook(accumulate) for layer in grams]
     try:
         run()
     finally:
         for handle in handles:
             handle.remove()
     return [
-        layer.add_protected_inputs(gram, energy) if layer.protect_features else 0
-        for layer, gram in zip(layers, grams, strict=True)
+        layer.add_protected_inputs(grams[layer], energy) if layer in grams else 0
+        for layer in layers
     ]
