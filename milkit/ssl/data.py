@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import lightning as L
 import numpy as np
@@ -28,10 +28,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, DistributedSampler
 
 from milkit.errors import ConfigError
-from milkit.ssl.augment import MultiCropAugmentation, collate_crops
+from milkit.ssl.augment import AugmentingCollate, MultiCropAugmentation, collate_tiles
 from milkit.ssl.tiles import CohortTileDataset, SlideTiles, find_slide_tiles
 
-__all__ = ["TileDataModule", "TileSampler"]
+__all__ = ["AugmentOn", "TileDataModule", "TileSampler"]
+
+#: Where `TileDataModule` makes the crops: in the DataLoader workers, on the training device
+#: after the transfer, or ``auto`` (the device when it is not the CPU, else the workers).
+AugmentOn = Literal["auto", "workers", "device"]
 
 
 class TileSampler(DistributedSampler):
@@ -135,13 +139,14 @@ class TileDataHParams(Protocol):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     augmentation: dict[str, Any] | None
+    augment_on: AugmentOn
 
 
 class TileDataModule(L.LightningDataModule):
     """Multi-crop tile batches for DINO, streamed from slides via ``milkit tile`` coordinates.
 
     Batches are ``list[Tensor]``: 2 global crops ``(B, 3, G, G)`` then ``n_local_crops`` local
-    crops ``(B, 3, L, L)`` (see `collate_crops`); incomplete last batches are dropped. The
+    crops ``(B, 3, L, L)`` (see `MultiCropAugmentation`); incomplete last batches are dropped. The
     crop sizes, ``n_local_crops`` and ``mean``/``std`` must equal the model's; ``milkit
     pretrain`` links them, so they are set once, here.
 
@@ -164,6 +169,10 @@ class TileDataModule(L.LightningDataModule):
         mean: Normalisation mean (RGB in [0, 1]).
         std: Normalisation standard deviation.
         augmentation: Further `MultiCropAugmentation` arguments (colour/stain jitter, blur ...).
+        augment_on: Where the crops are made: ``workers`` (DataLoader workers, on their CPUs),
+            ``device`` (the loader only reads tiles and the batch is augmented on the training
+            device after the transfer: on a GPU the augmentation then costs a fraction of a step
+            instead of bounding the throughput), or ``auto`` (``device`` unless that is the CPU).
 
     Raises:
         ConfigError: Invalid sizes or counts (at construction), or too few tiles for one batch
@@ -189,12 +198,17 @@ class TileDataModule(L.LightningDataModule):
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
         augmentation: dict[str, Any] | None = None,
+        augment_on: AugmentOn = "auto",
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ConfigError(
                 f"TileDataModule: batch_size={batch_size} must be >= 1 and "
                 f"num_workers={num_workers} >= 0."
+            )
+        if augment_on not in ("auto", "workers", "device"):
+            raise ConfigError(
+                f"TileDataModule: augment_on={augment_on!r} must be auto, workers or device."
             )
         self.save_hyperparameters()
         self.augmentation = MultiCropAugmentation(
@@ -221,9 +235,7 @@ class TileDataModule(L.LightningDataModule):
             return
         hp = cast(TileDataHParams, self.hparams)
         slides = find_slide_tiles(hp.coords_dir, hp.slides_dir)
-        self.dataset = CohortTileDataset(
-            slides, self.augmentation, max_open_slides=hp.max_open_slides
-        )
+        self.dataset = CohortTileDataset(slides, max_open_slides=hp.max_open_slides)
         per_rank = len(self._sampler())
         if per_rank < hp.batch_size:
             raise ConfigError(
@@ -263,8 +275,17 @@ class TileDataModule(L.LightningDataModule):
         """Full batches per epoch on one device (after ``setup``)."""
         return len(self._sampler()) // cast(TileDataHParams, self.hparams).batch_size
 
+    @property
+    def augments_on_device(self) -> bool:
+        """Whether batches are augmented after the transfer to the device (see ``augment_on``)."""
+        augment_on = cast(TileDataHParams, self.hparams).augment_on
+        if augment_on != "auto":
+            return augment_on == "device"
+        return self.trainer is not None and self.trainer.strategy.root_device.type != "cpu"
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled multi-crop batches (see `TileSampler` for the order)."""
+        """Shuffled batches (see `TileSampler` for the order): multi-crop batches, or uint8
+        tiles ``(B, H, W, 3)`` when the crops are made on the device."""
         hp = cast(TileDataHParams, self.hparams)
         workers = hp.num_workers
         return DataLoader(
@@ -272,8 +293,14 @@ class TileDataModule(L.LightningDataModule):
             batch_size=hp.batch_size,
             sampler=self._sampler(),
             num_workers=workers,
-            collate_fn=collate_crops,
+            collate_fn=collate_tiles
+            if self.augments_on_device
+            else AugmentingCollate(self.augmentation),
             drop_last=True,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Make the crops of a batch of tiles on the device, when ``augment_on`` says so."""
+        return self.augmentation(batch) if self.augments_on_device else batch

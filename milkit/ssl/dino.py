@@ -5,8 +5,8 @@ The student (backbone + `DINOHead`) sees all crops; the teacher, an exponential 
 centred, sharpened teacher distribution over the prototypes across different views. The
 training itself (EMA, schedules, optimiser) is :class:`milkit.ssl.dino_module.DINOModule`.
 
-Batches are ``list[Tensor]`` as made by `milkit.ssl.augment.MultiCropAugmentation` and
-`milkit.ssl.augment.collate_crops`: 2 global crops ``(B, 3, G, G)`` then the local crops
+Batches are ``list[Tensor]`` as made by `milkit.ssl.augment.MultiCropAugmentation`: 2 global
+crops ``(B, 3, G, G)`` then the local crops
 ``(B, 3, L, L)``. Defaults are DINO's ViT-S/16 recipe (papers.md, section B).
 """
 

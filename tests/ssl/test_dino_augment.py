@@ -1,4 +1,4 @@
-"""Multi-crop augmentation of H&E tiles: crop geometry, invariants, colour ops, collation."""
+"""Batched multi-crop augmentation of H&E tiles: crop geometry, invariants, colour ops, collation."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from milkit.errors import ConfigError, MilkitError
 from milkit.ssl.augment import (
-    GaussianBlur,
-    HEDJitter,
+    DIHEDRAL,
+    AugmentingCollate,
     MultiCropAugmentation,
-    RandomDihedral,
-    collate_crops,
+    collate_tiles,
+    gaussian_blur,
+    hed_jitter,
+    random_resized_crop,
 )
 
 NO_COLOUR = dict(
@@ -33,19 +35,30 @@ def _tile(height: int = 48, width: int = 40, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
+def _tiles(n: int = 4, height: int = 48, width: int = 40) -> torch.Tensor:
+    return collate_tiles([_tile(height, width, seed=i) for i in range(n)])
+
+
 def test_crops_have_sizes_dtypes_and_order() -> None:
     aug = MultiCropAugmentation(global_size_px=32, local_size_px=16, n_local_crops=3)
-    crops = aug(_tile())
+    crops = aug(_tiles(4))
     assert aug.n_crops == 5
-    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert [tuple(c.shape) for c in crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
     assert all(c.dtype == torch.float32 for c in crops)
     # two local crops drawn independently almost surely differ
     assert not torch.equal(crops[2], crops[3])
 
 
+def test_every_tile_of_a_batch_gets_its_own_draw() -> None:
+    # one tile repeated: different crops (geometry and colour) per copy
+    same = collate_tiles([_tile(seed=3)] * 6)
+    first_view = MultiCropAugmentation(global_size_px=24, n_local_crops=0)(same)[0]
+    assert len({crop.numpy().tobytes() for crop in first_view}) == 6
+
+
 def test_no_local_crops() -> None:
-    crops = MultiCropAugmentation(global_size_px=24, n_local_crops=0)(_tile())
-    assert [tuple(c.shape) for c in crops] == [(3, 24, 24)] * 2
+    crops = MultiCropAugmentation(global_size_px=24, n_local_crops=0)(_tiles(2))
+    assert [tuple(c.shape) for c in crops] == [(2, 3, 24, 24)] * 2
 
 
 def test_normalisation_uses_mean_and_std() -> None:
@@ -55,24 +68,40 @@ def test_normalisation_uses_mean_and_std() -> None:
         global_size_px=16, local_size_px=8, n_local_crops=2, mean=mean, std=std, **NO_COLOUR
     )
     expected = (128 / 255 - torch.tensor(mean)) / torch.tensor(std)
-    for crop in aug(tile):
-        torch.testing.assert_close(crop, expected.view(3, 1, 1).expand_as(crop))
+    for crop in aug(tile[None]):
+        torch.testing.assert_close(crop, expected.view(1, 3, 1, 1).expand_as(crop))
 
 
-def test_dihedral_preserves_pixels_and_reaches_all_8_symmetries() -> None:
+def test_dihedral_group_has_8_distinct_orthogonal_elements() -> None:
+    assert len({m.numpy().tobytes() for m in DIHEDRAL}) == 8
+    for matrix in DIHEDRAL:
+        torch.testing.assert_close(matrix @ matrix.T, torch.eye(2))
+
+
+def test_full_tile_crops_only_move_pixels_and_reach_all_8_symmetries() -> None:
+    # a full-tile crop at the tile's own size: the flips/rotations only permute pixels
+    tile = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
     torch.manual_seed(0)
-    image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
-    dihedral = RandomDihedral()
+    crops = random_resized_crop(tile.float().repeat(200, 1, 1, 1), 8, (1.0, 1.0))
+    pixels = crops.round().to(torch.uint8)
+    expected = tile[0].flatten(1).sort().values
     seen = set()
-    for _ in range(200):
-        out = dihedral(image)
-        assert torch.equal(out.flatten(1).sort().values, image.flatten(1).sort().values)
-        seen.add(out.numpy().tobytes())
+    for crop in pixels:
+        assert torch.equal(crop.flatten(1).sort().values, expected)
+        seen.add(crop.numpy().tobytes())
     assert len(seen) == 8
 
 
+def test_crop_box_covers_its_area_fraction() -> None:
+    # a horizontal ramp: a crop's mean is the centre of its box, its range the box width
+    ramp = torch.linspace(0, 1, 200).expand(1, 1, 200, 200).repeat(64, 1, 1, 1)
+    crops = random_resized_crop(ramp, 50, (0.25, 0.25), dihedral=False)
+    widths = crops.amax(dim=(1, 2, 3)) - crops.amin(dim=(1, 2, 3))
+    # area 1/4 at aspect ratio 3/4..4/3: side 0.43..0.58 of the image
+    assert widths.min() > 0.40 and widths.max() < 0.60
+
+
 def test_geometry_only_pipeline_preserves_pixel_multiset() -> None:
-    # a full-tile crop at the tile's own size: only the flips/rotations move pixels
     tile = _tile(24, 24)
     aug = MultiCropAugmentation(
         global_size_px=24,
@@ -84,36 +113,65 @@ def test_geometry_only_pipeline_preserves_pixel_multiset() -> None:
     )
     torch.manual_seed(1)
     expected = np.sort(tile.reshape(-1, 3), axis=0)
-    for crop in aug(tile):
-        pixels = (crop * 255).round().to(torch.uint8).permute(1, 2, 0).reshape(-1, 3).numpy()
-        np.testing.assert_array_equal(np.sort(pixels, axis=0), expected)
+    for crop in aug(collate_tiles([tile] * 3)):
+        for image in crop:
+            pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).reshape(-1, 3)
+            np.testing.assert_array_equal(np.sort(pixels.numpy(), axis=0), expected)
 
 
 def test_hed_jitter_round_trip_is_identity_without_jitter() -> None:
-    image = torch.rand(3, 16, 16) * 0.9 + 0.05
-    torch.testing.assert_close(HEDJitter(scale=0.0, bias=0.0)(image), image, atol=1e-5, rtol=0)
+    images = torch.rand(2, 3, 16, 16) * 0.9 + 0.05
+    unchanged = hed_jitter(images, torch.ones(2, 3), torch.zeros(2, 3))
+    torch.testing.assert_close(unchanged, images, atol=1e-5, rtol=0)
 
 
-def test_hed_jitter_is_mild_and_in_range() -> None:
+def test_hed_jitter_moves_the_chosen_stain() -> None:
+    # an H&E-like pink/purple image; more haematoxylin in image 0 only: darker and bluer
+    image = torch.tensor([0.85, 0.45, 0.7]).view(1, 3, 1, 1) * (0.6 + 0.4 * torch.rand(1, 1, 8, 8))
+    images = image.repeat(2, 1, 1, 1)
+    out = hed_jitter(images, torch.tensor([[1.3, 1.0, 1.0], [1.0, 1.0, 1.0]]), torch.zeros(2, 3))
+    assert out.min() >= 0 and out.max() <= 1
+    torch.testing.assert_close(out[1], images[1], atol=1e-5, rtol=0)
+    assert out[0].mean() < images[0].mean()
+    red_to_blue = (out[0, 0] / out[0, 2]).mean() / (images[0, 0] / images[0, 2]).mean()
+    assert red_to_blue < 1
+
+
+def test_default_stain_jitter_is_mild() -> None:
     torch.manual_seed(0)
-    # an H&E-like pink/purple image
-    image = torch.tensor([0.85, 0.45, 0.7]).view(3, 1, 1) * (0.6 + 0.4 * torch.rand(1, 32, 32))
-    jitter = HEDJitter()
-    changes = []
-    for _ in range(20):
-        out = jitter(image)
-        assert out.min() >= 0 and out.max() <= 1
-        changes.append(float((out - image).abs().mean()))
-    assert 0.0 < max(changes) < 0.08
+    image = torch.tensor([0.85, 0.45, 0.7]).view(1, 3, 1, 1) * (
+        0.6 + 0.4 * torch.rand(1, 1, 32, 32)
+    )
+    tiles = (image.repeat(16, 1, 1, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    options = {**NO_COLOUR, "hed_jitter_p": 1.0, "mean": (0.0,) * 3, "std": (1.0,) * 3}
+    aug = MultiCropAugmentation(global_size_px=32, global_scale=(1.0, 1.0), n_local_crops=0,
+                                dihedral=False, **options)  # fmt: skip
+    change = (aug(tiles)[0] - tiles.permute(0, 3, 1, 2) / 255).abs().mean(dim=(1, 2, 3))
+    assert 0.0 < change.max() < 0.08 and change.min() < change.max()
 
 
 @pytest.mark.parametrize("sigma", [0.4, 1.3])
-def test_gaussian_blur_matches_torchvision(sigma: float) -> None:
-    image = torch.rand(3, 20, 20)
-    ours = GaussianBlur((sigma, sigma))(image)
-    kernel = 2 * math.ceil(3 * sigma) + 1
-    reference = TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
-    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+def test_gaussian_blur_matches_torchvision_per_image(sigma: float) -> None:
+    images = torch.rand(3, 3, 20, 20)
+    ours = gaussian_blur(images, torch.tensor([sigma, 0.0, sigma / 2]))
+    kernel = 2 * math.ceil(3 * sigma) + 1  # the batch's largest sigma sets the kernel size
+    for index, image_sigma in [(0, sigma), (2, sigma / 2)]:
+        reference = TF.gaussian_blur(images[index], [kernel, kernel], [image_sigma] * 2)
+        torch.testing.assert_close(ours[index], reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours[1], images[1])  # sigma 0: unchanged
+
+
+def test_colour_jitter_keeps_range_and_grey_stays_grey() -> None:
+    torch.manual_seed(0)
+    grey = torch.full((8, 16, 16, 3), 100, dtype=torch.uint8)
+    options = {**NO_COLOUR, "color_jitter_p": 1.0, "hue": 0.2, "mean": (0.0,) * 3}
+    aug = MultiCropAugmentation(global_size_px=16, n_local_crops=0, std=(1.0,) * 3, **options)
+    crops = aug(grey)[0]
+    assert crops.min() >= 0 and crops.max() <= 1
+    # saturation and hue do not colour a grey image; brightness changes it per image
+    torch.testing.assert_close(crops[:, 0], crops[:, 1], atol=2e-3, rtol=0)
+    torch.testing.assert_close(crops[:, 1], crops[:, 2], atol=2e-3, rtol=0)
+    assert crops.mean(dim=(1, 2, 3)).std() > 0.01
 
 
 @pytest.mark.parametrize(
@@ -125,6 +183,8 @@ def test_gaussian_blur_matches_torchvision(sigma: float) -> None:
         ({"n_local_crops": -1}, "n_local_crops"),
         ({"std": (0.2, 0.0, 0.2)}, "std"),
         ({"blur_sigma": (2.0, 1.0)}, "blur_sigma"),
+        ({"brightness": 1.5}, "brightness"),
+        ({"hue": 0.7}, "hue"),
     ],
 )
 def test_invalid_options_raise_naming_the_option(options: dict, named: str) -> None:
@@ -133,37 +193,31 @@ def test_invalid_options_raise_naming_the_option(options: dict, named: str) -> N
 
 
 @pytest.mark.parametrize(
-    "tile",
+    "tiles",
     [
-        np.zeros((16, 16, 4), dtype=np.uint8),
-        np.zeros((16, 16, 3), dtype=np.float32),
-        np.zeros((16, 16), dtype=np.uint8),
+        np.zeros((2, 16, 16, 4), dtype=np.uint8),
+        np.zeros((2, 16, 16, 3), dtype=np.float32),
+        np.zeros((16, 16, 3), dtype=np.uint8),
     ],
 )
-def test_bad_tile_raises(tile: np.ndarray) -> None:
-    with pytest.raises(MilkitError, match=r"\(H, W, 3\) uint8"):
-        MultiCropAugmentation(global_size_px=8, local_size_px=8)(tile)
+def test_bad_tiles_raise(tiles: np.ndarray) -> None:
+    with pytest.raises(MilkitError, match=r"\(B, H, W, 3\) uint8"):
+        MultiCropAugmentation(global_size_px=8, local_size_px=8)(tiles)
 
 
-def test_collate_stacks_crop_by_crop() -> None:
-    aug = MultiCropAugmentation(global_size_px=16, local_size_px=8, n_local_crops=2)
-    samples = [aug(_tile(seed=i)) for i in range(3)]
-    batch = collate_crops(samples)
-    assert [tuple(b.shape) for b in batch] == [(3, 3, 16, 16)] * 2 + [(3, 3, 8, 8)] * 2
-    for crop_index, stacked in enumerate(batch):
-        for tile_index, sample in enumerate(samples):
-            assert torch.equal(stacked[tile_index], sample[crop_index])
-
-
-def test_collate_rejects_empty_and_ragged_batches() -> None:
+def test_collate_stacks_tiles_and_rejects_empty_and_ragged_batches() -> None:
+    tiles = [_tile(seed=i) for i in range(3)]
+    batch = collate_tiles(tiles)
+    assert batch.dtype == torch.uint8 and tuple(batch.shape) == (3, 48, 40, 3)
+    assert all(np.array_equal(batch[i].numpy(), tile) for i, tile in enumerate(tiles))
     with pytest.raises(MilkitError, match="empty"):
-        collate_crops([])
-    crop = torch.zeros(3, 8, 8)
-    with pytest.raises(MilkitError, match="different numbers of crops"):
-        collate_crops([[crop, crop, crop], [crop, crop]])
+        collate_tiles([])
+    with pytest.raises(MilkitError, match="different shapes"):
+        collate_tiles([_tile(), _tile(32, 32)])
 
 
-def test_augmentation_pickles_for_dataloader_workers() -> None:
+def test_augmenting_collate_pickles_for_dataloader_workers() -> None:
     aug = MultiCropAugmentation(global_size_px=16, local_size_px=8, n_local_crops=1)
-    clone = pickle.loads(pickle.dumps(aug))
-    assert [tuple(c.shape) for c in clone(_tile())] == [(3, 16, 16)] * 2 + [(3, 8, 8)]
+    clone = pickle.loads(pickle.dumps(AugmentingCollate(aug)))
+    crops = clone([_tile(seed=i) for i in range(2)])
+    assert [tuple(c.shape) for c in crops] == [(2, 3, 16, 16)] * 2 + [(2, 3, 8, 8)]

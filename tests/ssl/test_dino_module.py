@@ -15,7 +15,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
 from milkit.errors import ConfigError, EncoderError
-from milkit.ssl import DINOModule, MultiCropAugmentation, collate_crops, export_backbone
+from milkit.ssl import (
+    AugmentingCollate,
+    DINOModule,
+    MultiCropAugmentation,
+    collate_tiles,
+    export_backbone,
+)
 
 GLOBAL_PX, LOCAL_PX, N_LOCAL = 32, 16, 2
 TINY = dict(
@@ -50,28 +56,17 @@ def _toy_tiles(n: int, seed: int = 0) -> list[np.ndarray]:
     return tiles
 
 
-class _Tiles(Dataset):
-    def __init__(self, tiles: list[np.ndarray], aug: MultiCropAugmentation) -> None:
-        self.tiles, self.aug = tiles, aug
+class _FixedBatch(Dataset):
+    """One batch of crops made once, so a test knows exactly what the training step saw."""
+
+    def __init__(self, batch: list[torch.Tensor]) -> None:
+        self.batch = batch
 
     def __len__(self) -> int:
-        return len(self.tiles)
+        return 1
 
     def __getitem__(self, index: int) -> list[torch.Tensor]:
-        return self.aug(self.tiles[index])
-
-
-class _FixedCrops(Dataset):
-    """Crops made once, so a test knows exactly what the training step saw."""
-
-    def __init__(self, samples: list[list[torch.Tensor]]) -> None:
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> list[torch.Tensor]:
-        return self.samples[index]
+        return self.batch
 
 
 def _trainer(**kwargs) -> L.Trainer:
@@ -87,8 +82,7 @@ def _trainer(**kwargs) -> L.Trainer:
 
 def _fixed_batch(n: int, seed: int) -> list[torch.Tensor]:
     torch.manual_seed(seed)
-    aug = _augmentation()
-    return collate_crops([aug(tile) for tile in _toy_tiles(n, seed=seed)])
+    return _augmentation()(collate_tiles(_toy_tiles(n, seed=seed)))
 
 
 def _one_step(**overrides) -> tuple[DINOModule, DINOModule, list[torch.Tensor]]:
@@ -97,11 +91,10 @@ def _one_step(**overrides) -> tuple[DINOModule, DINOModule, list[torch.Tensor]]:
     # no warm-up: the first step must move the student (lr 0 at step 0 otherwise)
     module = DINOModule(**{**TINY, "warmup_epochs": 0.0, **overrides})
     before = copy.deepcopy(module)
-    aug = _augmentation()
-    samples = [aug(tile) for tile in _toy_tiles(8)]
-    loader = DataLoader(_FixedCrops(samples), batch_size=8, collate_fn=collate_crops)
+    batch = _fixed_batch(8, seed=0)
+    loader = DataLoader(_FixedBatch(batch), batch_size=None)
     _trainer(max_steps=1).fit(module, loader)
-    return module, before, collate_crops(samples)
+    return module, before, batch
 
 
 def test_teacher_gets_no_gradients_and_moves_only_by_ema() -> None:
@@ -184,10 +177,10 @@ def trained() -> tuple[DINOModule, DINOModule]:
     )
     initial = copy.deepcopy(module)
     loader = DataLoader(
-        _Tiles(_toy_tiles(64), _augmentation()),
+        _toy_tiles(64),
         batch_size=8,
         shuffle=True,
-        collate_fn=collate_crops,
+        collate_fn=AugmentingCollate(_augmentation()),
         drop_last=True,
     )
     _trainer(max_epochs=2).fit(module, loader)

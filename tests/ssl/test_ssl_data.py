@@ -63,8 +63,8 @@ def test_sampler_shards_disjointly_across_ranks() -> None:
         TileSampler(dataset, max_tiles_per_slide=0)
 
 
-def test_datamodule_yields_multicrop_batches(cohort: Path) -> None:
-    module = TileDataModule(
+def _datamodule(cohort: Path, **options: object) -> TileDataModule:
+    return TileDataModule(
         cohort / "tiles" / "coords",
         cohort / "slides",
         batch_size=4,
@@ -73,14 +73,35 @@ def test_datamodule_yields_multicrop_batches(cohort: Path) -> None:
         global_size_px=32,
         local_size_px=16,
         n_local_crops=3,
+        **options,  # type: ignore[arg-type]
     )
+
+
+def test_datamodule_yields_multicrop_batches(cohort: Path) -> None:
+    module = _datamodule(cohort, augment_on="workers")
     module.setup("fit")
     assert module.steps_per_epoch == 10 // 4
     batches = list(module.train_dataloader())
     assert len(batches) == 2  # the incomplete last batch is dropped
-    crops = batches[0]
+    crops = module.on_after_batch_transfer(batches[0], 0)  # nothing left to do on the device
+    assert crops is batches[0]
     assert [tuple(c.shape) for c in crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
     assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in crops)
+
+
+def test_datamodule_augments_on_the_device_when_asked(cohort: Path, cohort_tile_px: int) -> None:
+    module = _datamodule(cohort, augment_on="device")
+    module.setup("fit")
+    tiles = next(iter(module.train_dataloader()))
+    # the loader only reads: uint8 tiles as stored, 4x smaller to transfer than float crops
+    assert tiles.dtype == torch.uint8
+    assert tuple(tiles.shape) == (4, cohort_tile_px, cohort_tile_px, 3)
+    crops = module.on_after_batch_transfer(tiles, 0)
+    assert [tuple(c.shape) for c in crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+    # auto: the workers without a trainer or on a CPU trainer
+    assert not _datamodule(cohort).augments_on_device
+    with pytest.raises(ConfigError, match="augment_on='gpu'"):
+        _datamodule(cohort, augment_on="gpu")
 
 
 def test_datamodule_refuses_an_epoch_shorter_than_a_batch(cohort: Path) -> None:
