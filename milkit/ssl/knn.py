@@ -1,48 +1,38 @@
 """k-nearest-neighbour evaluation of tile encoders (the usual probe of self-supervised features).
 
 `knn_predict` is DINO's weighted k-NN: cosine similarity to the training features, the ``k``
-nearest vote with weight ``exp(similarity / temperature)``. On synthetic slides
-(:mod:`milkit.synth`), `make_knn_cohort` writes and tiles slides that show every tissue class,
-`synthetic_tile_labels` picks tiles of known class (background tiles on glass; stroma, tumour
-and lymphocyte-aggregate tiles from the coordinate files), and `knn_by_slide` scores an encoder
-on slides held out from the labelled ones.
+nearest vote with weight ``exp(similarity / temperature)``. On tiles of known class (from
+:mod:`milkit.ssl.knn_cohort`), `knn_by_slide` scores an encoder on slides held out from the
+labelled ones, `knn_random_init` its architecture at random initialisation (the baseline) and
+`knn_supervised_reference` the architecture trained with the labels (the ceiling).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from milkit.errors import ConfigError
-from milkit.features.encoders import Encoder
+from milkit.features.encoders import Encoder, load_encoder
 from milkit.features.extract import ExtractionOptions, TileDataset, iterate_features
-from milkit.slides.tile_stage import TilingOptions, run_tiling
-from milkit.slides.tissue import grid_coords
-from milkit.ssl.tiles import SlideTiles, find_slide_tiles
-from milkit.synth.cohort import write_slide
-from milkit.synth.layout import SlideParams
-from milkit.synth.organs import ORGANS
-from milkit.synth.truth import AGGREGATE, BACKGROUND, STROMA, TUMOR, load_truth, tile_truth
+from milkit.ssl.augment import MultiCropAugmentation, collate_tiles
+from milkit.ssl.knn_cohort import KNN_CLASSES
+from milkit.ssl.tiles import CohortTileDataset, SlideTiles
 
 __all__ = [
-    "KNN_CLASSES",
     "KnnResult",
     "embed_tiles",
     "knn_accuracy",
     "knn_by_slide",
     "knn_predict",
-    "make_knn_cohort",
-    "synthetic_tile_labels",
+    "knn_random_init",
+    "knn_supervised_reference",
 ]
-
-#: Classes of the synthetic k-NN task, in label order (labels are these truth class values).
-KNN_CLASSES = (BACKGROUND, STROMA, TUMOR, AGGREGATE)
 
 
 def knn_predict(
@@ -153,119 +143,6 @@ def embed_tiles(
     return torch.cat(rows)
 
 
-def synthetic_tile_labels(
-    coords_dir: str | Path,
-    truth_dir: str | Path,
-    *,
-    slides_dir: str | Path | None = None,
-    max_per_class: int = 40,
-    min_purity: float = 0.6,
-    seed: int = 0,
-) -> list[tuple[SlideTiles, np.ndarray]]:
-    """Tiles of known class from a synthetic cohort, for k-NN evaluation.
-
-    Tissue tiles come from the coordinate files: stroma, tumour or lymphocyte aggregate when
-    that class covers at least ``min_purity`` of the tile. Background tiles lie wholly on
-    glass, taken from the same tile grid (tiling keeps none of them). Artefacts are left out.
-
-    Args:
-        coords_dir: Coordinate files of the cohort (``milkit tile`` output).
-        truth_dir: Truth files ``<slide_id>.h5`` (:func:`milkit.synth.load_truth`).
-        slides_dir: Folder of the slides (see `find_slide_tiles`).
-        max_per_class: Tiles drawn at most per class and slide.
-        min_purity: Area fraction of its class a tissue tile must have.
-        seed: Seed of the draw.
-
-    Returns:
-        Per slide: its labelled tiles and ``(n,)`` int64 labels, indices into `KNN_CLASSES`.
-
-    Raises:
-        ConfigError: If no labelled tile is found.
-    """
-    rng = np.random.default_rng(seed)
-    labelled = []
-    for slide in find_slide_tiles(coords_dir, slides_dir):
-        truth = load_truth(Path(truth_dir) / f"{slide.slide_id}.h5")
-        spec = slide.tile_spec
-        grid = grid_coords(
-            (int(truth.attrs["level0_width"]), int(truth.attrs["level0_height"])),
-            tile_size_level0=spec.tile_size_level0,
-            stride_level0=spec.stride_level0,
-        )
-        glass = grid[tile_truth(truth, grid, spec.tile_size_level0).class_fractions[:, 0] >= 1.0]
-        tissue_truth = tile_truth(truth, slide.coords_level0, spec.tile_size_level0)
-        coords, labels = [], []
-        for label, value in enumerate(KNN_CLASSES):
-            if value == BACKGROUND:
-                candidates = glass
-            else:
-                pure = tissue_truth.class_fractions[:, value] >= min_purity
-                candidates = slide.coords_level0[pure]
-            take = rng.permutation(len(candidates))[:max_per_class]
-            coords.append(candidates[np.sort(take)])
-            labels.append(np.full(len(take), label, dtype=np.int64))
-        if sum(len(c) for c in coords):
-            tiles = SlideTiles(slide.slide_id, slide.slide_path, spec, np.concatenate(coords))
-            labelled.append((tiles, np.concatenate(labels)))
-    if not labelled:
-        raise ConfigError(f"{coords_dir}: no tile of a known class; is this a synthetic cohort?")
-    return labelled
-
-
-def make_knn_cohort(
-    out_dir: str | Path,
-    *,
-    n_slides: int = 12,
-    size_px: int = 2048,
-    mpp: float = 1.0,
-    tile_size_px: int = 64,
-    seed: int = 0,
-    workers: int = 1,
-) -> Path:
-    """Write and tile synthetic slides in which every tissue class occurs.
-
-    Every slide has tumour (30 % of the tissue) and lymphocyte aggregates, no artefacts. Organs
-    (stain palettes, tumour patterns) take turns (slide ``i`` is organ ``i mod 3``), so the
-    even and the odd slides of `knn_by_slide` both hold every organ. Tiles keep at least half
-    tissue.
-
-    Args:
-        out_dir: Folder for ``slides/``, ``truth/`` and ``tiles/`` (``tiles/coords`` inside).
-        n_slides: Number of slides.
-        size_px: Side of each slide's level 0 in pixels.
-        mpp: Scan resolution, which is also the tiling resolution.
-        tile_size_px: Tile side in pixels.
-        seed: Base seed of the slides.
-        workers: Slides tiled in parallel.
-
-    Returns:
-        The coordinate folder ``out_dir/tiles/coords``.
-    """
-    out_dir = Path(out_dir)
-    organs = sorted(ORGANS)
-    slides = []
-    for i in range(n_slides):
-        params = SlideParams(
-            seed=seed + i,
-            task=organs[i % len(organs)],
-            tumor=True,
-            tumor_fraction=0.3,
-            aggregates=True,
-            artefacts=False,
-        )
-        info = write_slide(
-            out_dir / "slides" / f"slide_{i:03d}.svs",
-            params,
-            mpp=mpp,
-            size_px=(size_px, size_px),
-            truth_path=out_dir / "truth" / f"slide_{i:03d}.h5",
-        )
-        slides.append(info.slide_path)
-    options = TilingOptions(target_mpp=mpp, tile_size_px=tile_size_px, min_tissue=0.5)
-    run_tiling(slides, out_dir / "tiles", options, workers=workers)
-    return out_dir / "tiles" / "coords"
-
-
 @dataclass(frozen=True)
 class KnnResult:
     """A k-NN score on held-out slides.
@@ -306,7 +183,7 @@ def knn_by_slide(
 
     Args:
         encoder: The encoder to score.
-        labelled: `synthetic_tile_labels` output (at least 2 slides).
+        labelled: `milkit.ssl.knn_cohort.synthetic_tile_labels` output (at least 2 slides).
         k: Neighbours that vote.
         seed: Seed of the class balancing.
 
@@ -339,3 +216,97 @@ def knn_by_slide(
         n_test=len(labels["test"]) // len(KNN_CLASSES),
         embed_std=float(spread),
     )
+
+
+def knn_random_init(
+    encoder_id: str,
+    labelled: Sequence[tuple[SlideTiles, np.ndarray]],
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    k: int = 20,
+) -> KnnResult:
+    """`knn_by_slide` of an encoder's architecture at random initialisation, over several draws.
+
+    The baseline a pretrained encoder must beat. One random draw's accuracy varies by a few
+    points, so the accuracies (and spreads) of ``seeds`` draws are averaged; the global RNG is
+    left as it was.
+
+    Args:
+        encoder_id: The encoder (e.g. ``local-dir:RUN/encoder``), built with random weights.
+        labelled: `milkit.ssl.knn_cohort.synthetic_tile_labels` output.
+        seeds: torch seeds of the draws.
+        k: Neighbours that vote.
+
+    Returns:
+        The mean accuracy and embedding spread, with the set sizes.
+    """
+    results = []
+    for seed in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = load_encoder(encoder_id, pretrained=False)
+            results.append(knn_by_slide(encoder, labelled, k=k))
+    return KnnResult(
+        accuracy=float(np.mean([r.accuracy for r in results])),
+        n_train=results[0].n_train,
+        n_test=results[0].n_test,
+        embed_std=float(np.mean([r.embed_std for r in results])),
+    )
+
+
+def knn_supervised_reference(
+    encoder_id: str,
+    labelled: Sequence[tuple[SlideTiles, np.ndarray]],
+    training: Sequence[tuple[SlideTiles, np.ndarray]],
+    *,
+    steps: int = 300,
+    seed: int = 0,
+    k: int = 20,
+) -> KnnResult:
+    """`knn_by_slide` of an encoder's architecture trained *with* the tile labels: the ceiling.
+
+    The randomly initialised architecture and a linear classifier learn the classes from
+    ``training`` (cross-entropy, AdamW lr 1e-3, batch 64, one random crop per tile at the
+    encoder's input size with flips, rotations and mild colour jitter); its backbone is then
+    scored like a pretrained one. Between random initialisation and this lies all that a
+    self-supervised encoder could gain on the cohort. Only the even (labelled) slides of
+    ``training`` are used, so the test slides of `knn_by_slide` stay unseen.
+
+    Args:
+        encoder_id: The encoder whose architecture is trained (its weights are not used).
+        labelled: `milkit.ssl.knn_cohort.synthetic_tile_labels` output to score on (as for the pretrained encoder).
+        training: Labelled tiles to learn from, in the same slide order (e.g. more per class).
+        steps: Optimiser steps.
+        seed: Seed of the initialisation and the batches.
+        k: Neighbours that vote.
+
+    Returns:
+        The k-NN result of the trained backbone.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = load_encoder(encoder_id, pretrained=False, device="cpu")
+        train = list(training[0::2])
+        dataset = CohortTileDataset([tiles for tiles, _ in train])
+        tiles = collate_tiles([dataset.read(i) for i in range(len(dataset))])
+        labels = torch.from_numpy(np.concatenate([y for _, y in train]))
+        augment = MultiCropAugmentation(
+            global_size_px=encoder.input_size[0],
+            n_local_crops=0,
+            global_scale=(0.8, 1.0),
+            global_blur_p=(0.0, 0.0),
+            mean=encoder.mean,
+            std=encoder.std,
+        )
+        classifier = nn.Linear(encoder.embed_dim, int(labels.max()) + 1)
+        optimiser = torch.optim.AdamW(
+            [*encoder.parameters(), *classifier.parameters()], lr=1e-3, weight_decay=0.05
+        )
+        encoder.train()
+        for _ in range(steps):
+            batch = torch.randint(len(labels), (64,))
+            loss = F.cross_entropy(classifier(encoder(augment(tiles[batch])[0])), labels[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        return knn_by_slide(encoder.eval(), labelled, k=k)
