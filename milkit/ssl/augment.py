@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from skimage.color import hed_from_rgb, rgb_from_hed
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
+from torchvision.ops import roi_align
 
 from milkit.errors import ConfigError, MilkitError
 
 __all__ = [
-    "DIHEDRAL",
     "AugmentingCollate",
     "MultiCropAugmentation",
     "collate_tiles",
@@ -46,13 +46,6 @@ _LUMA = (0.299, 0.587, 0.114)
 # RandomResizedCrop's aspect-ratio range and number of draws before its fallback
 _RATIO = (3 / 4, 4 / 3)
 _CROP_TRIES = 10
-
-#: The 8 symmetries of the square as 2x2 matrices acting on (x, y): 4 rotations, each with and
-#: without a horizontal flip.
-DIHEDRAL = torch.tensor(
-    [[[c * f, -s], [s * f, c]] for f in (1, -1) for c, s in ((1, 0), (0, 1), (-1, 0), (0, -1))],
-    dtype=torch.float32,
-)
 
 
 def _uniform(low: float, high: float, n: int, device: torch.device) -> Tensor:
@@ -76,12 +69,13 @@ def random_resized_crop(
     *,
     dihedral: bool = True,
 ) -> Tensor:
-    """One random crop per image, resized, flipped and rotated in one bilinear resampling.
+    """One random crop per image, resized, then flipped and rotated.
 
     Boxes follow torchvision's RandomResizedCrop (area fraction uniform in ``scale``, aspect
-    ratio log-uniform in [3/4, 4/3], 10 draws, else the whole image) with sub-pixel corners;
-    the symmetry is a uniform draw from `DIHEDRAL`. Downscaling does not antialias: DINO's
-    crops shrink by less than 1.6x, where bilinear aliasing is negligible.
+    ratio log-uniform in [3/4, 4/3], 10 draws, else the whole image) with sub-pixel corners.
+    The resampling is RoIAlign's: bilinear samples averaged over each output pixel (as many as
+    the box has input pixels per output pixel), so shrinking a crop antialiases, like the
+    resize of feature extraction. The symmetry is a uniform draw from the 8 of the square.
 
     Args:
         images: ``(B, C, H, W)`` float images.
@@ -94,32 +88,31 @@ def random_resized_crop(
     """
     n, _, height, width = images.shape
     device = images.device
-    area = torch.empty(n, _CROP_TRIES, device=device).uniform_(*scale)
+    area = torch.empty(n, _CROP_TRIES, device=device).uniform_(*scale) * (height * width)
     log_ratio = torch.empty(n, _CROP_TRIES, device=device).uniform_(*map(math.log, _RATIO))
-    box_w = torch.sqrt(area * (height * width) * log_ratio.exp())
-    box_h = torch.sqrt(area * (height * width) / log_ratio.exp())
+    box_w = torch.sqrt(area * log_ratio.exp())
+    box_h = torch.sqrt(area / log_ratio.exp())
     fits = (box_w <= width) & (box_h <= height)
     first = fits.float().argmax(dim=1, keepdim=True)  # first draw that fits (0 if none)
     any_fit = fits.any(dim=1)
     box_w = torch.where(any_fit, box_w.gather(1, first)[:, 0], float(width))
     box_h = torch.where(any_fit, box_h.gather(1, first)[:, 0], float(height))
-    # box centres in normalised coordinates ([-1, 1] across the image, align_corners=False)
-    centre_x = (2 * (torch.rand(n, device=device) * (width - box_w) + box_w / 2) / width) - 1
-    centre_y = (2 * (torch.rand(n, device=device) * (height - box_h) + box_h / 2) / height) - 1
-    if dihedral:
-        symmetry = DIHEDRAL.to(device)[torch.randint(len(DIHEDRAL), (n,), device=device)]
-    else:
-        symmetry = torch.eye(2, device=device).expand(n, 2, 2)
-    # output coordinates -> symmetry -> box in the input
-    theta = torch.empty(n, 2, 3, device=device)
-    theta[:, 0, :2] = symmetry[:, 0] * (box_w / width)[:, None]
-    theta[:, 1, :2] = symmetry[:, 1] * (box_h / height)[:, None]
-    theta[:, 0, 2] = centre_x
-    theta[:, 1, 2] = centre_y
-    grid = F.affine_grid(theta.to(images.dtype), [n, 1, size_px, size_px], align_corners=False)
-    return F.grid_sample(
-        images, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    left = torch.rand(n, device=device) * (width - box_w)
+    top = torch.rand(n, device=device) * (height - box_h)
+    boxes = torch.stack(
+        [torch.arange(n, device=device, dtype=left.dtype), left, top, left + box_w, top + box_h],
+        dim=1,
     )
+    crops = roi_align(images, boxes.to(images.dtype), size_px, aligned=True, sampling_ratio=-1)
+    if not dihedral:
+        return crops
+    flip = torch.rand(n, device=device) < 0.5
+    crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+    turns = torch.randint(4, (n,), device=device)
+    for k in (1, 2, 3):
+        chosen = turns == k
+        crops[chosen] = torch.rot90(crops[chosen], k, dims=(-2, -1))
+    return crops
 
 
 def hed_jitter(images: Tensor, factor: Tensor, shift: Tensor) -> Tensor:
