@@ -243,8 +243,8 @@ class MultiCropAugmentation:
         global_blur_p: tuple[float, float] = (1.0, 0.1),
         local_blur_p: float = 0.5,
         solarize_p: float = 0.0,
-        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
-        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> None:
         if global_size_px < 1 or local_size_px < 1:
             raise ConfigError(
