@@ -110,6 +110,10 @@ def main() -> None:
             "```",
         ]
     sections += ["", f"Total: {time.perf_counter() - started:.0f} s."]
+    # a CPU rerun keeps the GPU section of an earlier gpu.sh run (this machine may have none)
+    previous = args.out.read_text() if args.out.is_file() else ""
+    if f"\n{GPU_HEADING}" in previous:
+        sections += ["", GPU_HEADING + previous.split(f"\n{GPU_HEADING}", 1)[1].rstrip()]
     args.out.write_text("\n".join(sections) + "\n")
     print(f"\nwrote {args.out}")
 

@@ -33,7 +33,7 @@ class DemoPlan:
         folds: Cross-validation folds of the MIL and regression heads.
         max_epochs: Epoch limit per fold (early stopping usually ends sooner).
         heatmaps: Slides to draw heatmaps for.
-        pretrain_steps: DINO optimiser steps with ``--pretrain``.
+        pretrain_steps: DINO optimiser steps with ``--pretrain``; None keeps the recipe's.
     """
 
     n_slides: int
@@ -42,7 +42,7 @@ class DemoPlan:
     folds: int
     max_epochs: int
     heatmaps: int
-    pretrain_steps: int = 200
+    pretrain_steps: int | None = None
 
 
 # Many small slides rather than a few large ones: MIL needs bags more than tiles per bag.
@@ -193,7 +193,9 @@ def run_demo(
         argv = ["--config", str(configs / "ssl" / "dino_tiny_cpu.yaml"),
                 "--data.slides_dir", str(cohort_dir / "slides"),
                 "--data.coords_dir", str(pre_dir / "coords"), "--out", str(dino_dir),
-                "--seed_everything", str(seed), "--trainer.max_steps", str(plan.pretrain_steps)]  # fmt: skip
+                "--seed_everything", str(seed)]  # fmt: skip
+        if plan.pretrain_steps is not None:
+            argv += ["--trainer.max_steps", str(plan.pretrain_steps)]
         if pretrain_cli.main(argv) != 0:
             raise MilkitError(f"the demo's pretraining failed: milkit pretrain {' '.join(argv)}")
 
