@@ -327,7 +327,7 @@ class MultiCropAugmentation:
             not isinstance(tiles, Tensor)
             or tiles.dtype != torch.uint8
             or tiles.ndim != 4
-            or (tiles.shape[3] != 3)
+            or tiles.shape[3] != 3
         ):
             got = f"{type(tiles).__name__} {getattr(tiles, 'shape', '')} {getattr(tiles, 'dtype', '')}"
             raise MilkitError(

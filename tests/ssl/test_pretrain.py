@@ -104,8 +104,10 @@ def test_pretrain_checkpoints_resumes_and_exports_a_loadable_encoder(
     with torch.no_grad():
         torch.testing.assert_close(encoder(x), teacher(x), rtol=0, atol=0)
 
-    # rerunning resumes from last.ckpt and continues to the new max_steps
-    assert pretrain.main(_tiny_args(tiles, run, max_steps=3)) == 0
+    # rerunning resumes from last.ckpt and continues to the new max_steps; this time the crops
+    # are made after the batch transfer (the GPU path; the loader yields uint8 tiles)
+    resume = [*_tiny_args(tiles, run, max_steps=3), "--data.augment_on", "device"]
+    assert pretrain.main(resume) == 0
     captured = capsys.readouterr()
     assert f"resuming from {last}" in captured.err
     assert "this run 1 steps" in captured.out
