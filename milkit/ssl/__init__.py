@@ -2,7 +2,8 @@
 
 `MultiCropAugmentation` turns a batch of uint8 RGB tiles (`collate_tiles`) into DINO's
 multi-crop views, in DataLoader workers (`AugmentingCollate`) or on the training device;
-`DINOModule` trains on those batches, and `export_backbone` writes the teacher backbone as a timm ``local-dir:`` folder.
+`DINOModule` trains on those batches, and `export_backbone` writes the teacher backbone as a
+timm ``local-dir:`` folder.
 """
 
 from milkit.ssl.augment import AugmentingCollate, MultiCropAugmentation, collate_tiles

@@ -329,7 +329,8 @@ class MultiCropAugmentation:
             or tiles.ndim != 4
             or tiles.shape[3] != 3
         ):
-            got = f"{type(tiles).__name__} {getattr(tiles, 'shape', '')} {getattr(tiles, 'dtype', '')}"
+            shape, dtype = getattr(tiles, "shape", ""), getattr(tiles, "dtype", "")
+            got = f"{type(tiles).__name__} {shape} {dtype}"
             raise MilkitError(
                 f"MultiCropAugmentation expects a (B, H, W, 3) uint8 RGB batch of tiles, got "
                 f"{got}; drop the alpha channel, convert to uint8 and stack (collate_tiles)."

@@ -274,7 +274,8 @@ def knn_supervised_reference(
 
     Args:
         encoder_id: The encoder whose architecture is trained (its weights are not used).
-        labelled: `milkit.ssl.knn_cohort.synthetic_tile_labels` output to score on (as for the pretrained encoder).
+        labelled: `milkit.ssl.knn_cohort.synthetic_tile_labels` output to score on (as for
+            the pretrained encoder).
         training: Labelled tiles to learn from, in the same slide order (e.g. more per class).
         steps: Optimiser steps.
         seed: Seed of the initialisation and the batches.

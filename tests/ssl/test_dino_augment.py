@@ -1,4 +1,4 @@
-"""Batched multi-crop augmentation of H&E tiles: crop geometry, invariants, colour ops, collation."""
+"""Batched multi-crop augmentation of H&E tiles: crop geometry, invariants, colour, collation."""
 
 from __future__ import annotations
 
