@@ -70,7 +70,9 @@ def main() -> None:
                         "init_args": {"every": args.export_every, "out_dir": str(run)}}  # fmt: skip
             overrides.append(f"trainer.callbacks={json.dumps([callback])}")
         seconds = pretrain(args.config, args.work / "cohort", coords, run, overrides)
-        for export in sorted(run.glob("encoder_step*"), key=lambda p: int(p.name[12:])):
+        for export in sorted(
+            run.glob("encoder_step*"), key=lambda p: int(p.name.removeprefix("encoder_step"))
+        ):
             accuracy = knn_by_slide(load_encoder(f"local-dir:{export}"), labelled).accuracy
             print(f"SWEEP {name} {export.name}: k-NN {accuracy:.3f}", flush=True)
         first, last = loss_trend(next(run.rglob("metrics.csv")))

@@ -45,10 +45,16 @@ GPU_HEADING = "## GPU (benchmarks/gpu.sh)"
 GPU_STAGES = ("gpu", "extract", "train_loading", "pretrain_full")
 
 
+def split_gpu_section(results: Path) -> tuple[str, str]:
+    """``results`` cut before its GPU section: ``(the rest, the GPU section or "")``."""
+    text = results.read_text() if results.is_file() else ""
+    rest, _, gpu = text.partition(f"\n{GPU_HEADING}")
+    return rest.rstrip(), f"{GPU_HEADING}{gpu}".rstrip() if gpu else ""
+
+
 def add_gpu_section(results: Path, folder: Path) -> None:
     """Replace the GPU section of ``results`` by the stage outputs of ``gpu.sh`` in ``folder``."""
-    text = results.read_text() if results.is_file() else "# milkit benchmarks\n"
-    text = text.split(f"\n{GPU_HEADING}")[0].rstrip() + "\n"
+    text = (split_gpu_section(results)[0] or "# milkit benchmarks") + "\n"
     noise = ("Warning", "warn(", "Tip:", "available:", "Seed set", "LOCAL_RANK", "┃", "┏", "┡",
              "│", "└", "params", "Modules in", "FLOPs", "Precision", "You are using", "`Trainer",
              "deprecated", "log_every_n_steps", "checkpoint:", "encoder:", "next:")  # fmt: skip
@@ -111,9 +117,9 @@ def main() -> None:
         ]
     sections += ["", f"Total: {time.perf_counter() - started:.0f} s."]
     # a CPU rerun keeps the GPU section of an earlier gpu.sh run (this machine may have none)
-    previous = args.out.read_text() if args.out.is_file() else ""
-    if f"\n{GPU_HEADING}" in previous:
-        sections += ["", GPU_HEADING + previous.split(f"\n{GPU_HEADING}", 1)[1].rstrip()]
+    gpu_section = split_gpu_section(args.out)[1]
+    if gpu_section:
+        sections += ["", gpu_section]
     args.out.write_text("\n".join(sections) + "\n")
     print(f"\nwrote {args.out}")
 

@@ -140,7 +140,8 @@ def run_demo(
         quick: A smaller cohort, encoder and CV (about a third of the time).
         seed: Seed of the synthetic cohort and of training.
         pretrain: Pretrain ``configs/ssl/dino_tiny_cpu.yaml`` (DINO) on the cohort's tiles and
-            extract features with it instead of a random ViT (adds about 4 minutes on 2 cores).
+            extract features with it instead of a random ViT (adds about 7 minutes on 2 cores,
+            2.5 with ``quick``).
 
     Returns:
         The report (also printed).

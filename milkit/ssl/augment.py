@@ -168,7 +168,7 @@ def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     return out.view(n, channels, height, width)
 
 
-def _check_probability(name: str, value: float) -> None:
+def _check_unit_interval(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"MultiCropAugmentation: {name}={value} must lie in [0, 1].")
 
@@ -263,15 +263,11 @@ class MultiCropAugmentation:
             ("global_blur_p[1]", global_blur_p[1]),
             ("local_blur_p", local_blur_p),
             ("solarize_p", solarize_p),
-        ]:
-            _check_probability(name, value)
-        for name, value in [
             ("brightness", brightness),
             ("contrast", contrast),
             ("saturation", saturation),
         ]:
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"MultiCropAugmentation: {name}={value} must lie in [0, 1].")
+            _check_unit_interval(name, value)
         if not 0.0 <= hue <= 0.5:
             raise ConfigError(f"MultiCropAugmentation: hue={hue} must lie in [0, 0.5].")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
