@@ -28,6 +28,7 @@ from milkit.features.encoders import load_encoder
 from milkit.ssl import pretrain as pretrain_cli
 from milkit.ssl.knn import KnnResult, knn_by_slide, knn_random_init, knn_supervised_reference
 from milkit.ssl.knn_cohort import make_knn_cohort, synthetic_tile_labels
+from milkit.synth.layout import ONE_LAB_STAIN_SPREAD
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ssl" / "dino_tiny_cpu.yaml"
@@ -86,6 +87,12 @@ def cohort_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size-px", type=int, default=2048)
     parser.add_argument("--mpp", type=float, default=1.0, help="scan and tiling resolution")
     parser.add_argument("--tile-size-px", type=int, default=64)
+    parser.add_argument(
+        "--stain-spread",
+        type=float,
+        default=ONE_LAB_STAIN_SPREAD,
+        help="per-slide stain strength spread (0.5: slides pooled from several sites)",
+    )
     parser.add_argument("--config", type=Path, default=CONFIG, help="the DINO recipe")
 
 
@@ -98,6 +105,7 @@ def build_cohort(args: argparse.Namespace) -> Path:
         size_px=args.size_px,
         mpp=args.mpp,
         tile_size_px=args.tile_size_px,
+        stain_spread=args.stain_spread,
         workers=os.cpu_count() or 1,
     )
 

@@ -16,7 +16,7 @@ from milkit.slides.tile_stage import TilingOptions, run_tiling
 from milkit.slides.tissue import grid_coords
 from milkit.ssl.tiles import SlideTiles, find_slide_tiles
 from milkit.synth.cohort import write_slide
-from milkit.synth.layout import SlideParams
+from milkit.synth.layout import ONE_LAB_STAIN_SPREAD, SlideParams
 from milkit.synth.organs import ORGANS
 from milkit.synth.truth import AGGREGATE, BACKGROUND, STROMA, TUMOR, load_truth, tile_truth
 
@@ -98,6 +98,7 @@ def make_knn_cohort(
     mpp: float = 1.0,
     tile_size_px: int = 64,
     seed: int = 0,
+    stain_spread: float = ONE_LAB_STAIN_SPREAD,
     workers: int = 1,
 ) -> Path:
     """Write and tile synthetic slides in which every tissue class occurs.
@@ -114,6 +115,7 @@ def make_knn_cohort(
         mpp: Scan resolution, which is also the tiling resolution.
         tile_size_px: Tile side in pixels.
         seed: Base seed of the slides.
+        stain_spread: Per-slide stain strength spread (`milkit.synth.SlideParams`).
         workers: Slides tiled in parallel.
 
     Returns:
@@ -130,6 +132,7 @@ def make_knn_cohort(
             tumor_fraction=0.3,
             aggregates=True,
             artefacts=False,
+            stain_spread=stain_spread,
         )
         info = write_slide(
             out_dir / "slides" / f"slide_{i:03d}.svs",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from milkit.errors import ConfigError
-from milkit.synth.layout import GRID_UM, SlideParams, build_layout
+from milkit.synth.layout import GRID_UM, ONE_LAB_STAIN_SPREAD, SlideParams, build_layout
 from milkit.synth.organs import ORGANS, get_organ
 from milkit.synth.pyramid import write_pyramid
 from milkit.synth.render import SlideRenderer
@@ -145,7 +145,12 @@ class CohortSlide:
 
 
 def plan_cohort(
-    n_slides: int, seed: int, *, tasks: Sequence[str], artefacts: bool
+    n_slides: int,
+    seed: int,
+    *,
+    tasks: Sequence[str],
+    artefacts: bool,
+    stain_spread: float = ONE_LAB_STAIN_SPREAD,
 ) -> list[CohortSlide]:
     """Decide every slide's parameters, before anything is rendered.
 
@@ -158,6 +163,7 @@ def plan_cohort(
         seed: Cohort seed.
         tasks: Organ families to cycle through.
         artefacts: Whether slides may have pen marks and dust.
+        stain_spread: Per-slide stain strength spread (`SlideParams.stain_spread`).
 
     Returns:
         The plan, in slide order.
@@ -198,6 +204,7 @@ def plan_cohort(
             tumor_fraction=fraction if tumour_of[i] else None,
             til_level=til_of[i],
             artefacts=artefacts,
+            stain_spread=stain_spread,
         )
         plan.append(
             CohortSlide(f"slide_{i:0{width}d}", f"patient_{patient_of[i]:0{width}d}", params)
@@ -214,6 +221,7 @@ def make_cohort(
     size_px: tuple[int, int] = (6000, 6000),
     tasks: Sequence[str] = tuple(ORGANS),
     artefacts: bool = True,
+    stain_spread: float = ONE_LAB_STAIN_SPREAD,
     quality: int = 90,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
@@ -228,6 +236,9 @@ def make_cohort(
         size_px: ``(width, height)`` of level 0 in pixels.
         tasks: Organ families, assigned round-robin.
         artefacts: Whether slides may carry pen marks and dust.
+        stain_spread: How much staining strength varies between slides: hematoxylin and eosin
+            are scaled by up to ``1 ± stain_spread`` per slide (default: one lab; 0.5: a cohort
+            pooled from several sites).
         quality: JPEG quality (1-100).
         workers: Slides rendered in parallel processes.
         progress: Called with 1 after each finished slide (e.g. ``tqdm.update``).
@@ -247,7 +258,9 @@ def make_cohort(
     for task in tasks:
         get_organ(task)
     out_dir = Path(out_dir)
-    plan = plan_cohort(n_slides, seed, tasks=tuple(tasks), artefacts=artefacts)
+    plan = plan_cohort(
+        n_slides, seed, tasks=tuple(tasks), artefacts=artefacts, stain_spread=stain_spread
+    )
     jobs = [
         (
             out_dir / "slides" / f"{s.slide_id}{SLIDE_SUFFIX}",

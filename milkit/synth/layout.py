@@ -34,6 +34,8 @@ PEN_INKS: dict[str, tuple[float, float, float]] = {
 # Lower quantile (epithelium) and upper quantile (gland lumen) of the tumour pattern noise.
 _PATTERN_QUANTILES = {"nests": (0.42, None), "glands": (0.38, 0.86), "sheets": (0.12, None)}
 _OUTSIDE_UM = -1000.0  # signed distance of regions a slide does not have
+#: Per-slide stain strength spread of slides from one lab (`SlideParams.stain_spread`).
+ONE_LAB_STAIN_SPREAD = 0.15
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class SlideParams:
         til_level: Typical stromal lymphocyte density in [0, 1]; drawn when None.
         aggregates: Whether dense lymphocyte aggregates appear; drawn when None.
         artefacts: Whether pen marks and dust may appear (each drawn per slide).
+        stain_spread: Half-width of the per-slide stain strength draw: hematoxylin and eosin
+            are each scaled by a factor in ``[1 - stain_spread, 1 + stain_spread]`` (in
+            ``[0, 0.9]``). The default is one lab's day-to-day variation; cohorts pooled from
+            several sites spread further (0.5).
     """
 
     seed: int
@@ -58,6 +64,7 @@ class SlideParams:
     til_level: float | None = None
     aggregates: bool | None = None
     artefacts: bool = True
+    stain_spread: float = ONE_LAB_STAIN_SPREAD
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int | np.integer) or self.seed < 0:
@@ -69,6 +76,8 @@ class SlideParams:
             raise ConfigError(f"tumor_fraction must be in (0, 0.9), got {self.tumor_fraction!r}.")
         if self.til_level is not None and not 0 <= self.til_level <= 1:
             raise ConfigError(f"til_level must be in [0, 1], got {self.til_level!r}.")
+        if not 0 <= self.stain_spread <= 0.9:
+            raise ConfigError(f"stain_spread must be in [0, 0.9], got {self.stain_spread!r}.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -360,7 +369,8 @@ def build_layout(params: SlideParams, size_um: tuple[float, float]) -> Layout:
     grain = periodic_texture(
         looks, _GRAIN_CELLS, sigma_along_cells=0.7, sigma_across_cells=0.7, angle_rad=0.0
     )
-    stain_scale = (looks.uniform(0.85, 1.15), looks.uniform(0.85, 1.15))
+    spread = params.stain_spread
+    stain_scale = (looks.uniform(1 - spread, 1 + spread), looks.uniform(1 - spread, 1 + spread))
 
     artefacts = _rng(params.seed, 7)
     pen_coverage = pen = np.zeros(shape, dtype=np.float32)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from milkit.cli import main
 from milkit.errors import ConfigError
 from milkit.slides.reader import open_slide
 from milkit.synth import LABEL_COLUMNS, load_truth, make_cohort, plan_cohort
@@ -91,6 +92,18 @@ def test_plan_pairs_patients_and_balances_tasks() -> None:
         assert sum(s.params.tumor for s in plan if s.params.task == task) == 5
     assert len({s.params.seed for s in plan}) == 30
     assert plan == plan_cohort(30, seed=1, tasks=("breast", "colon", "lung"), artefacts=True)
+
+
+def test_stain_spread_reaches_every_slide_and_bad_values_stop_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = plan_cohort(6, seed=1, tasks=("breast",), artefacts=False, stain_spread=0.5)
+    assert {s.params.stain_spread for s in plan} == {0.5}
+    same = plan_cohort(6, seed=1, tasks=("breast",), artefacts=False)
+    assert [s.params.seed for s in same] == [s.params.seed for s in plan]  # only staining differs
+    assert main(["synth", str(tmp_path / "out"), "--stain-spread", "1.5"]) == 2
+    assert "stain_spread must be in [0, 0.9], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any slide is written
 
 
 def test_bad_cohort_arguments(tmp_path: Path) -> None:

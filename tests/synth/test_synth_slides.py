@@ -171,11 +171,42 @@ def test_organs_differ_in_colour() -> None:
     assert min(distances) > 5, means
 
 
+def test_stain_spread_changes_staining_not_content() -> None:
+    size_um = (300.0, 300.0)
+
+    def layouts(spread: float) -> list:
+        return [build_layout(SlideParams(seed=s, stain_spread=spread), size_um) for s in range(16)]
+
+    one_lab, pooled, uniform = layouts(0.15), layouts(0.5), layouts(0.0)
+    assert all(layout.stain_scale == (1.0, 1.0) for layout in uniform)
+    for spread, cohort in ((0.15, one_lab), (0.5, pooled)):
+        scales = np.array([layout.stain_scale for layout in cohort])
+        assert (np.abs(scales - 1) <= spread).all()
+    # the same draws, stretched: every slide keeps its content and its direction of change
+    for narrow, wide in zip(one_lab, pooled, strict=True):
+        np.testing.assert_array_equal(narrow.class_map, wide.class_map)
+        np.testing.assert_allclose(
+            np.array(wide.stain_scale) - 1, (np.array(narrow.stain_scale) - 1) * 0.5 / 0.15
+        )
+    # the pixels follow: tissue stained above average gets darker as the spread widens
+    seed = int(np.argmax([min(layout.stain_scale) for layout in one_lab]))
+    assert min(one_lab[seed].stain_scale) > 1.05
+    narrow_px, wide_px = (
+        SlideRenderer(cohort[seed], 1.0).render((0, 0), (300, 300)).astype(float).mean(axis=2)
+        for cohort in (one_lab, pooled)
+    )
+    tissue = narrow_px < 200
+    assert tissue.mean() > 0.1
+    assert wide_px[tissue].mean() < narrow_px[tissue].mean() - 5
+
+
 def test_bad_parameters_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="breast, colon, lung"):
         SlideParams(seed=0, task="kidney")
     with pytest.raises(ConfigError, match="non-negative"):
         SlideParams(seed=-1)
+    with pytest.raises(ConfigError, match=r"stain_spread must be in \[0, 0.9\], got 1.2"):
+        SlideParams(seed=0, stain_spread=1.2)
     with pytest.raises(ConfigError, match="not both"):
         write_slide(tmp_path / "x.svs", PARAMS, size_px=(100, 100), size_um=(50.0, 50.0))
     with pytest.raises(ConfigError, match="mpp must be positive"):
