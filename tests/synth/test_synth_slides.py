@@ -11,7 +11,7 @@ from scipy import ndimage as ndi
 from milkit.errors import ConfigError
 from milkit.slides.reader import open_slide
 from milkit.synth import SlideInfo, SlideParams, load_truth, write_slide
-from milkit.synth.layout import build_layout
+from milkit.synth.layout import Layout, build_layout
 from milkit.synth.nuclei import LYMPHOCYTE, nuclei_in_block_row
 from milkit.synth.pyramid import level_dimensions
 from milkit.synth.render import SlideRenderer
@@ -174,7 +174,7 @@ def test_organs_differ_in_colour() -> None:
 def test_stain_spread_changes_staining_not_content() -> None:
     size_um = (300.0, 300.0)
 
-    def layouts(spread: float) -> list:
+    def layouts(spread: float) -> list[Layout]:
         return [build_layout(SlideParams(seed=s, stain_spread=spread), size_um) for s in range(16)]
 
     one_lab, pooled, uniform = layouts(0.15), layouts(0.5), layouts(0.0)
