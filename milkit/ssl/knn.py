@@ -1,9 +1,9 @@
 """k-nearest-neighbour evaluation of tile encoders (the usual probe of self-supervised features).
 
 `knn_predict` is DINO's weighted k-NN: cosine similarity to the training features, the ``k``
-nearest vote with weight ``exp(similarity / temperature)``. On tiles of known class (from
-:mod:`milkit.ssl.knn_cohort`), `knn_by_slide` scores an encoder on slides held out from the
-labelled ones, `knn_random_init` its architecture at random initialisation (the baseline) and
+nearest vote with weight ``exp(similarity / temperature)``. On tiles of known class (your own
+labelled tiles, or synthetic ones from :mod:`milkit.ssl.knn_cohort`), `knn_by_slide` scores an
+encoder on slides held out from the labelled ones, `knn_random_init` its architecture at random initialisation (the baseline) and
 `knn_supervised_reference` the architecture trained with the labels (the ceiling).
 """
 
@@ -21,7 +21,6 @@ from milkit.errors import ConfigError
 from milkit.features.encoders import Encoder, load_encoder
 from milkit.features.extract import ExtractionOptions, TileDataset, iterate_features
 from milkit.ssl.augment import MultiCropAugmentation, collate_tiles
-from milkit.ssl.knn_cohort import KNN_CLASSES
 from milkit.ssl.tiles import CohortTileDataset, SlideTiles
 
 __all__ = [
@@ -161,10 +160,10 @@ class KnnResult:
     embed_std: float
 
 
-def _balanced(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _balanced(labels: np.ndarray, n_classes: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted indices of an equal number of rows of every class (the rarest class's count)."""
-    n = np.bincount(labels, minlength=len(KNN_CLASSES)).min()
-    picks = [rng.permutation(np.flatnonzero(labels == c))[:n] for c in range(len(KNN_CLASSES))]
+    n = np.bincount(labels, minlength=n_classes).min()
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:n] for c in range(n_classes)]
     return np.sort(np.concatenate(picks))
 
 
@@ -183,7 +182,9 @@ def knn_by_slide(
 
     Args:
         encoder: The encoder to score.
-        labelled: `milkit.ssl.knn_cohort.synthetic_tile_labels` output (at least 2 slides).
+        labelled: Per slide (at least 2): its labelled tiles and ``(n,)`` int labels in
+            ``[0, C)``, e.g. tiles picked from `milkit.ssl.tiles.find_slide_tiles` with your
+            annotations, or `milkit.ssl.knn_cohort.synthetic_tile_labels` output.
         k: Neighbours that vote.
         seed: Seed of the class balancing.
 
@@ -194,26 +195,33 @@ def knn_by_slide(
         ConfigError: If a set lacks a class.
     """
     rng = np.random.default_rng(seed)
+    if any((np.asarray(y) < 0).any() for _, y in labelled):
+        raise ConfigError("knn_by_slide: labels must be class indices 0, 1, 2, ...")
+    n_classes = 1 + max((int(y.max()) for _, y in labelled if len(y)), default=0)
     parts = {"train": list(labelled[0::2]), "test": list(labelled[1::2])}
-    features, labels = {}, {}
-    for name, part in parts.items():
+    labels, keep = {}, {}
+    for name, part in parts.items():  # check both sets before embedding any tile
         y = np.concatenate([tile_labels for _, tile_labels in part]) if part else np.empty(0, int)
-        if len(np.unique(y)) < len(KNN_CLASSES):
+        counts = np.bincount(y, minlength=n_classes)
+        if (counts == 0).any():
             raise ConfigError(
-                f"knn_by_slide: the {name} slides lack a tissue class (counts "
-                f"{np.bincount(y, minlength=len(KNN_CLASSES)).tolist()}); use more or larger slides."
+                f"knn_by_slide: the {name} slides lack a class (counts {counts.tolist()}); label "
+                "tiles of every class on both the even (labelled) and the odd (test) slides."
             )
-        keep = _balanced(y, rng)
-        features[name] = embed_tiles(encoder, [tiles for tiles, _ in part])[keep]
-        labels[name] = torch.from_numpy(y[keep])
+        keep[name] = _balanced(y, n_classes, rng)
+        labels[name] = torch.from_numpy(y[keep[name]])
+    features = {
+        name: embed_tiles(encoder, [tiles for tiles, _ in part])[keep[name]]
+        for name, part in parts.items()
+    }
     accuracy = knn_accuracy(
         features["train"], labels["train"], features["test"], labels["test"], k=k
     )
     spread = F.normalize(features["test"], dim=1).std(dim=0).mean()
     return KnnResult(
         accuracy=accuracy,
-        n_train=len(labels["train"]) // len(KNN_CLASSES),
-        n_test=len(labels["test"]) // len(KNN_CLASSES),
+        n_train=len(labels["train"]) // n_classes,
+        n_test=len(labels["test"]) // n_classes,
         embed_std=float(spread),
     )
 
@@ -233,7 +241,7 @@ def knn_random_init(
 
     Args:
         encoder_id: The encoder (e.g. ``local-dir:RUN/encoder``), built with random weights.
-        labelled: `milkit.ssl.knn_cohort.synthetic_tile_labels` output.
+        labelled: Labelled tiles per slide (as for `knn_by_slide`).
         seeds: torch seeds of the draws.
         k: Neighbours that vote.
 
@@ -274,8 +282,7 @@ def knn_supervised_reference(
 
     Args:
         encoder_id: The encoder whose architecture is trained (its weights are not used).
-        labelled: `milkit.ssl.knn_cohort.synthetic_tile_labels` output to score on (as for
-            the pretrained encoder).
+        labelled: Labelled tiles per slide to score on (as for `knn_by_slide`).
         training: Labelled tiles to learn from, in the same slide order (e.g. more per class).
         steps: Optimiser steps.
         seed: Seed of the initialisation and the batches.

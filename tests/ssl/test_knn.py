@@ -89,10 +89,13 @@ def test_knn_by_slide_needs_every_class_on_both_sides(tmp_path: Path) -> None:
     spec = TileSpec(1.0, 8, 0, 0, 1.0, 8, 8, 8, 1.0, 1.0)
     tiles = SlideTiles("s", tmp_path / "s.svs", spec, np.zeros((3, 2), np.int64))
     encoder = load_encoder("vit_tiny_patch16_224", pretrained=False, device="meta")
-    with pytest.raises(
-        ConfigError, match=r"the train slides lack a tissue class \(counts \[1, 1, 1, 0\]"
-    ):
+    # class 2 is labelled on the odd (test) slide only
+    with pytest.raises(ConfigError, match=r"the train slides lack a class \(counts \[1, 2, 0\]"):
+        knn_by_slide(encoder, [(tiles, np.array([0, 1, 1])), (tiles, np.array([0, 1, 2]))])
+    with pytest.raises(ConfigError, match="the test slides lack a class"):
         knn_by_slide(encoder, [(tiles, np.array([0, 1, 2]))])
+    with pytest.raises(ConfigError, match="labels must be class indices"):
+        knn_by_slide(encoder, [(tiles, np.array([0, -1, 2]))] * 2)
 
 
 def test_random_init_baseline_averages_seeded_draws_and_keeps_the_rng(tmp_path: Path) -> None:
@@ -106,6 +109,13 @@ def test_random_init_baseline_averages_seeded_draws_and_keeps_the_rng(tmp_path: 
     assert both.accuracy == pytest.approx(np.mean([d.accuracy for d in draws]))
     assert both.embed_std == pytest.approx(np.mean([d.embed_std for d in draws]))
     assert draws[0].embed_std != draws[1].embed_std  # two different random networks
+    # any labelling works, e.g. a user's own two classes: glass against tissue
+    torch.manual_seed(0)
+    encoder = load_encoder(encoder_id, pretrained=False)
+    on_glass = [(tiles, (labels > 0).astype(np.int64)) for tiles, labels in labelled]
+    result = knn_by_slide(encoder, on_glass, k=3)
+    assert (result.n_train, result.n_test) == (4, 4)  # 4 glass tiles per slide bound the balance
+    assert result.accuracy >= 7 / 8
 
 
 @pytest.fixture(scope="module")
