@@ -3,8 +3,9 @@
 `knn_predict` is DINO's weighted k-NN: cosine similarity to the training features, the ``k``
 nearest vote with weight ``exp(similarity / temperature)``. On tiles of known class (your own
 labelled tiles, or synthetic ones from :mod:`milkit.ssl.knn_cohort`), `knn_by_slide` scores an
-encoder on slides held out from the labelled ones, `knn_random_init` its architecture at random initialisation (the baseline) and
-`knn_supervised_reference` the architecture trained with the labels (the ceiling).
+encoder on slides held out from the labelled ones, `knn_random_init` its architecture at random
+initialisation (the baseline) and `knn_supervised_reference` the architecture trained with the
+labels (the ceiling).
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def knn_by_slide(
         The accuracy, set sizes and embedding spread.
 
     Raises:
-        ConfigError: If a set lacks a class.
+        ConfigError: If a set lacks a class or a label is negative.
     """
     rng = np.random.default_rng(seed)
     if any((np.asarray(y) < 0).any() for _, y in labelled):
