@@ -131,11 +131,11 @@ def main() -> None:
     pretrain_s = pretrain(args.config, args.work / "cohort", coords, run, overrides)
 
     knn_started = time.perf_counter()
-    labelled = synthetic_tile_labels(coords, args.work / "cohort" / "truth")
+    truth = args.work / "cohort" / "truth"
+    labelled = synthetic_tile_labels(coords, truth)
     random, trained = knn_scores(run, labelled)
     knn_s = time.perf_counter() - knn_started
     total_s = time.perf_counter() - started
-    truth = args.work / "cohort" / "truth"
     training = synthetic_tile_labels(coords, truth, max_per_class=200, seed=1)
     ceiling = knn_supervised_reference(f"local-dir:{run / 'encoder'}", labelled, training)
 

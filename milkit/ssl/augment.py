@@ -397,7 +397,7 @@ class MultiCropAugmentation:
 def _rotate_hue(images: Tensor, turns: Tensor) -> Tensor:
     """Rotate the chroma plane (I, Q of YIQ) by ``turns`` of a full circle per image."""
     to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+        [_LUMA, (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)],
         device=images.device,
         dtype=images.dtype,
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, cast, get_args
 
 import lightning as L
 import numpy as np
@@ -206,9 +206,10 @@ class TileDataModule(L.LightningDataModule):
                 f"TileDataModule: batch_size={batch_size} must be >= 1 and "
                 f"num_workers={num_workers} >= 0."
             )
-        if augment_on not in ("auto", "workers", "device"):
+        if augment_on not in get_args(AugmentOn):
             raise ConfigError(
-                f"TileDataModule: augment_on={augment_on!r} must be auto, workers or device."
+                f"TileDataModule: augment_on={augment_on!r} must be one of "
+                f"{', '.join(get_args(AugmentOn))}."
             )
         self.save_hyperparameters()
         self.augmentation = MultiCropAugmentation(

@@ -276,7 +276,7 @@ def knn_supervised_reference(
 
     The randomly initialised architecture and a linear classifier learn the classes from
     ``training`` (cross-entropy, AdamW lr 1e-3, batch 64, one random crop per tile at the
-    encoder's input size with flips, rotations and mild colour jitter); its backbone is then
+    encoder's input size with flips, rotations, mild colour and stain jitter); its backbone is then
     scored like a pretrained one. Between random initialisation and this lies all that a
     self-supervised encoder could gain on the cohort. Only the even (labelled) slides of
     ``training`` are used, so the test slides of `knn_by_slide` stay unseen.
