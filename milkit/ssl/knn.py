@@ -10,7 +10,7 @@ labels (the ceiling).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -227,6 +227,27 @@ def knn_by_slide(
     )
 
 
+def _mean_over_seeds(seeds: Sequence[int], draw: Callable[[], KnnResult]) -> KnnResult:
+    """Mean accuracy and spread of ``draw()`` run once per torch seed; the global RNG is kept.
+
+    Raises:
+        ConfigError: If ``seeds`` is empty.
+    """
+    if not seeds:
+        raise ConfigError("k-NN baselines need at least one seed, e.g. seeds=(0, 1, 2); got none.")
+    results = []
+    for seed in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            results.append(draw())
+    return KnnResult(
+        accuracy=float(np.mean([r.accuracy for r in results])),
+        n_train=results[0].n_train,
+        n_test=results[0].n_test,
+        embed_std=float(np.mean([r.embed_std for r in results])),
+    )
+
+
 def knn_random_init(
     encoder_id: str,
     labelled: Sequence[tuple[SlideTiles, np.ndarray]],
@@ -248,18 +269,12 @@ def knn_random_init(
 
     Returns:
         The mean accuracy and embedding spread, with the set sizes.
+
+    Raises:
+        ConfigError: If ``seeds`` is empty.
     """
-    results = []
-    for seed in seeds:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            encoder = load_encoder(encoder_id, pretrained=False)
-            results.append(knn_by_slide(encoder, labelled, k=k))
-    return KnnResult(
-        accuracy=float(np.mean([r.accuracy for r in results])),
-        n_train=results[0].n_train,
-        n_test=results[0].n_test,
-        embed_std=float(np.mean([r.embed_std for r in results])),
+    return _mean_over_seeds(
+        seeds, lambda: knn_by_slide(load_encoder(encoder_id, pretrained=False), labelled, k=k)
     )
 
 
@@ -269,7 +284,7 @@ def knn_supervised_reference(
     training: Sequence[tuple[SlideTiles, np.ndarray]],
     *,
     steps: int = 300,
-    seed: int = 0,
+    seeds: Sequence[int] = (0, 1, 2),
     k: int = 20,
 ) -> KnnResult:
     """`knn_by_slide` of an encoder's architecture trained *with* the tile labels: the ceiling.
@@ -279,26 +294,31 @@ def knn_supervised_reference(
     encoder's input size with flips, rotations, mild colour and stain jitter); its backbone is then
     scored like a pretrained one. Between random initialisation and this lies all that a
     self-supervised encoder could gain on the cohort. Only the even (labelled) slides of
-    ``training`` are used, so the test slides of `knn_by_slide` stay unseen.
+    ``training`` are used, so the test slides of `knn_by_slide` stay unseen. One training's
+    accuracy varies by a few points with the seed (and the CPU's arithmetic), so the results of
+    ``seeds`` trainings are averaged, as for `knn_random_init`.
 
     Args:
         encoder_id: The encoder whose architecture is trained (its weights are not used).
         labelled: Labelled tiles per slide to score on (as for `knn_by_slide`).
         training: Labelled tiles to learn from, in the same slide order (e.g. more per class).
-        steps: Optimiser steps.
-        seed: Seed of the initialisation and the batches.
+        steps: Optimiser steps per training.
+        seeds: torch seeds of the initialisation and the batches, one training each.
         k: Neighbours that vote.
 
     Returns:
-        The k-NN result of the trained backbone.
+        The mean accuracy and embedding spread of the trained backbones.
+
+    Raises:
+        ConfigError: If ``seeds`` is empty.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    train = list(training[0::2])
+    dataset = CohortTileDataset([tiles for tiles, _ in train])
+    tiles = collate_tiles([dataset.read(i) for i in range(len(dataset))])
+    labels = torch.from_numpy(np.concatenate([y for _, y in train]))
+
+    def draw() -> KnnResult:
         encoder = load_encoder(encoder_id, pretrained=False, device="cpu")
-        train = list(training[0::2])
-        dataset = CohortTileDataset([tiles for tiles, _ in train])
-        tiles = collate_tiles([dataset.read(i) for i in range(len(dataset))])
-        labels = torch.from_numpy(np.concatenate([y for _, y in train]))
         augment = MultiCropAugmentation(
             global_size_px=encoder.input_size[0],
             n_local_crops=0,
@@ -319,3 +339,5 @@ def knn_supervised_reference(
             loss.backward()
             optimiser.step()
         return knn_by_slide(encoder.eval(), labelled, k=k)
+
+    return _mean_over_seeds(seeds, draw)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from milkit.errors import ConfigError
@@ -15,6 +16,7 @@ from milkit.features.encoders import load_encoder
 from milkit.slides.tile_stage import TilingOptions, tile_slide
 from milkit.slides.tiling import TileSpec
 from milkit.ssl import pretrain
+from milkit.ssl.export import export_backbone
 from milkit.ssl.knn import (
     knn_accuracy,
     knn_by_slide,
@@ -118,6 +120,30 @@ def test_random_init_baseline_averages_seeded_draws_and_keeps_the_rng(tmp_path: 
     assert result.accuracy >= 7 / 8
 
 
+def test_supervised_reference_averages_seeded_trainings_and_keeps_the_rng(
+    tmp_path: Path,
+) -> None:
+    coords = make_knn_cohort(tmp_path / "cohort", n_slides=2, size_px=1024)
+    labelled = synthetic_tile_labels(coords, tmp_path / "cohort" / "truth", max_per_class=4)
+    backbone = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, embed_dim=32,
+        depth=1, num_heads=2,
+    )  # fmt: skip
+    encoder_id = f"local-dir:{export_backbone(backbone, tmp_path / 'tiny')}"
+    state = torch.random.get_rng_state()
+    both = knn_supervised_reference(encoder_id, labelled, labelled, steps=2, seeds=(0, 1), k=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    draws = [
+        knn_supervised_reference(encoder_id, labelled, labelled, steps=2, seeds=(seed,), k=3)
+        for seed in (0, 1)
+    ]
+    assert both.accuracy == pytest.approx(np.mean([d.accuracy for d in draws]))
+    assert both.embed_std == pytest.approx(np.mean([d.embed_std for d in draws]))
+    assert draws[0].embed_std != draws[1].embed_std  # two different trainings
+    with pytest.raises(ConfigError, match="at least one seed"):
+        knn_supervised_reference(encoder_id, labelled, labelled, seeds=())
+
+
 @pytest.fixture(scope="module")
 def small_recipe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list, list]:
     """The tiny CPU recipe on a k-NN cohort (minutes): the run folder, tiles to score and to
@@ -164,10 +190,11 @@ def test_small_recipe_beats_random_init_on_held_out_slides(
     """Issue #7: k-NN on tiles of known tissue class, pretrained against random init.
 
     The issue asked for +10 points; on this cohort even the same ViT trained *with the labels*
-    is only ~9 points above random init (which already separates most classes by colour and
+    is only ~8 points above random init (which already separates most classes by colour and
     nucleus density), so the test asks for a margin well beyond the noise (the difference of
     two accuracies on 4 x 142 test tiles varies by about 1 point) and a quarter of what
-    supervision gains (seed 0: 0.947 vs 0.905, supervised 0.995; seed 1: +2.8 points).
+    supervision gains (seed 0: 0.947 vs 0.905, supervised 0.983 as the mean of 3 trainings;
+    seed 1: +2.8 points).
     """
     run, labelled, training = small_recipe_run
     encoder_id = f"local-dir:{run / 'encoder'}"
