@@ -138,7 +138,9 @@ def test_lwf_penalty_is_zero_while_the_model_equals_its_teacher(sequence: TaskSe
     model.eval()  # no dropout: the student is then exactly the (eval-mode) teacher
     assert strategy.penalty(module, batch, module(batch)).item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
-        model.heads[0].weight[0].add_(1.0)  # shifts the old head's class balance
+        # the bias shifts the old head's class balance; a constant added to a weight row would
+        # not (the pooled token is layer-normed: its features sum to zero)
+        model.heads[0].bias[0].add_(1.0)
     assert strategy.penalty(module, batch, module(batch)).item() > 0
     with pytest.raises(ConfigError, match="temperature"):
         LwF(LwFOptions(temperature=0.0))
