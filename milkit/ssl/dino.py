@@ -23,7 +23,14 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from milkit.errors import ConfigError
 
-__all__ = ["N_GLOBAL_CROPS", "DINOHead", "DINOLoss", "DINONetwork", "cosine_schedule"]
+__all__ = [
+    "N_GLOBAL_CROPS",
+    "DINOHead",
+    "DINOLoss",
+    "DINONetwork",
+    "cosine_schedule",
+    "koleo_loss",
+]
 
 N_GLOBAL_CROPS = 2
 
@@ -53,6 +60,37 @@ def cosine_schedule(
         return warmup_start + (start - warmup_start) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+
+
+def koleo_loss(embeddings: Tensor, eps: float = 1e-8) -> Tensor:
+    """Kozachenko-Leonenko entropy regulariser (DINOv2): spreads a batch over the sphere.
+
+    Minus the mean log distance of each unit embedding to its nearest neighbour in the batch;
+    it rises towards ``-log(eps)`` as tiles map to the same point, so its gradient pushes
+    nearest neighbours apart.
+
+    Args:
+        embeddings: ``(B, D)`` embeddings (normalised here).
+        eps: Added to each distance before the log.
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ConfigError: If the batch has fewer than 2 embeddings (no neighbours).
+    """
+    if embeddings.shape[0] < 2:
+        raise ConfigError(
+            f"koleo_loss needs at least 2 embeddings per view, got {embeddings.shape[0]}; "
+            "use a batch size of 2 or more."
+        )
+    unit = F.normalize(embeddings.float(), dim=-1)
+    with torch.no_grad():
+        similarity = unit @ unit.T
+        similarity.fill_diagonal_(-2.0)  # below any cosine: a tile is not its own neighbour
+        nearest = similarity.argmax(dim=1)
+    distance = (unit - unit[nearest]).norm(dim=-1)
+    return -torch.log(distance + eps).mean()
 
 
 class DINOHead(nn.Module):

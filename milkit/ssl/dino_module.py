@@ -19,7 +19,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from milkit.errors import ConfigError, EncoderError
-from milkit.ssl.dino import N_GLOBAL_CROPS, DINOHead, DINOLoss, DINONetwork, cosine_schedule
+from milkit.ssl.dino import (
+    N_GLOBAL_CROPS,
+    DINOHead,
+    DINOLoss,
+    DINONetwork,
+    cosine_schedule,
+    koleo_loss,
+)
 
 __all__ = ["DINOModule", "DINOSchedule"]
 
@@ -65,6 +72,7 @@ class DINOHParams(Protocol):
     center_momentum: float
     freeze_last_layer_epochs: int
     clip_grad: float | None
+    koleo_weight: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -104,10 +112,15 @@ class DINOModule(L.LightningModule):
         center_momentum: EMA momentum of the loss centre.
         freeze_last_layer_epochs: Epochs during which the prototypes are not updated.
         clip_grad: Max gradient norm per parameter tensor (as in DINO); None disables.
+        koleo_weight: Weight of the KoLeo regulariser (`milkit.ssl.dino.koleo_loss`) on the
+            student's backbone embeddings of each global view, as in DINOv2 (0.1 there);
+            0 keeps DINO's loss alone. It keeps strong stain augmentation from stalling the
+            loss near ln(out_dim) (see ``configs/ssl/dino_tiny_cpu.yaml``).
         mean: Normalisation mean of the crops (recorded in the exported backbone).
         std: Normalisation std of the crops (recorded in the exported backbone).
 
     Raises:
+        ConfigError: If ``koleo_weight`` is negative.
         EncoderError: If timm cannot build ``backbone`` with these options.
     """
 
@@ -138,10 +151,16 @@ class DINOModule(L.LightningModule):
         center_momentum: float = 0.9,
         freeze_last_layer_epochs: int = 1,
         clip_grad: float | None = 3.0,
+        koleo_weight: float = 0.0,
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
     ) -> None:
         super().__init__()
+        if koleo_weight < 0:
+            raise ConfigError(
+                f"DINOModule: koleo_weight={koleo_weight} would pull tiles together; use 0 "
+                "(off) or a positive weight such as 0.1."
+            )
         self.save_hyperparameters()
         self.student = self._build_network(drop_path_rate)
         self.teacher = self._build_network(0.0)
@@ -278,13 +297,21 @@ class DINOModule(L.LightningModule):
 
         with torch.no_grad():
             teacher_embed, teacher_out = self.teacher(batch[:N_GLOBAL_CROPS])
-        _, student_out = self.student(batch)
+        student_embed, student_out = self.student(batch)
         loss = self.dino_loss(student_out, teacher_out, self.global_step / self._steps_per_epoch)
+        logged: dict[str, Tensor | float] = {}
+        koleo_weight = cast(DINOHParams, self.hparams).koleo_weight
+        if koleo_weight:
+            # KoLeo (DINOv2) per global view: spreads the tiles of a batch over the sphere
+            global_views = student_embed[: N_GLOBAL_CROPS * batch_size].chunk(N_GLOBAL_CROPS)
+            koleo = torch.stack([koleo_loss(view) for view in global_views]).sum()
+            loss = loss + koleo_weight * koleo
+            logged["train/koleo"] = koleo
 
         # collapse monitor: mean per-dimension std of unit embeddings, ~1/sqrt(D) when healthy,
         # 0 when every tile maps to the same point
         embed_std = F.normalize(teacher_embed[:batch_size].float(), dim=-1).std(dim=0).mean()
-        logged = {
+        logged |= {
             "train/loss": loss,
             "train/lr": sched.lr,
             "train/weight_decay": sched.weight_decay,

@@ -153,6 +153,25 @@ def test_lr_is_scaled_by_global_batch_and_warms_up() -> None:
     assert module.schedule_at(0, batch_size=64).lr == 0.0
 
 
+def test_koleo_weight_adds_the_weighted_regulariser_to_the_step_loss() -> None:
+    plain, _, _ = _one_step()
+    spread, _, _ = _one_step(koleo_weight=0.5)
+    metrics = [module.trainer.callback_metrics for module in (plain, spread)]
+    assert "train/koleo" not in metrics[0]  # off: DINO's loss alone, nothing computed
+    koleo = float(metrics[1]["train/koleo"])
+    assert koleo > 0  # near-identical tiles at initialisation: neighbours are close
+    # same weights and batch before the step: same DINO loss, plus the weighted term
+    dino_only = float(metrics[0]["train/loss"])
+    assert float(metrics[1]["train/loss"]) == pytest.approx(dino_only + 0.5 * koleo, rel=1e-5)
+    # and the regulariser's gradient moves the student differently
+    assert not torch.equal(
+        plain.student.backbone.patch_embed.proj.weight,
+        spread.student.backbone.patch_embed.proj.weight,
+    )
+    with pytest.raises(ConfigError, match="koleo_weight=-0.1 would pull tiles together"):
+        DINOModule(**{**TINY, "koleo_weight": -0.1})
+
+
 def test_wrong_number_of_crops_is_explained() -> None:
     module = DINOModule(**TINY)
     with pytest.raises(ConfigError, match="n_local_crops"):
