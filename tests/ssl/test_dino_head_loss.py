@@ -135,6 +135,7 @@ def test_cosine_schedule_warmup_and_decay() -> None:
 
 
 def test_koleo_is_minus_the_mean_log_nearest_distance_on_the_sphere() -> None:
+    torch.manual_seed(0)
     # four unit axes: every nearest neighbour lies sqrt(2) away, whatever the embeddings' scale
     axes = torch.eye(4) * torch.tensor([[1.0], [3.0], [0.5], [7.0]])
     assert koleo_loss(axes).item() == pytest.approx(-math.log(math.sqrt(2)), abs=1e-6)
