@@ -234,7 +234,10 @@ def _mean_over_seeds(seeds: Sequence[int], draw: Callable[[], KnnResult]) -> Knn
         ConfigError: If ``seeds`` is empty.
     """
     if not seeds:
-        raise ConfigError("k-NN baselines need at least one seed, e.g. seeds=(0, 1, 2); got none.")
+        raise ConfigError(
+            "k-NN random-init and supervised references need at least one seed, e.g. "
+            "seeds=(0, 1, 2); got none."
+        )
     results = []
     for seed in seeds:
         with torch.random.fork_rng(devices=[]):
