@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from milkit.errors import ConfigError, MilkitError
 __all__ = [
     "AugmentingCollate",
     "MultiCropAugmentation",
+    "ViewAugmentation",
     "collate_tiles",
     "gaussian_blur",
     "hed_jitter",
@@ -168,36 +170,29 @@ def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     return out.view(n, channels, height, width)
 
 
-def _check_unit_interval(name: str, value: float) -> None:
+def _check_unit_interval(owner: str, name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"MultiCropAugmentation: {name}={value} must lie in [0, 1].")
+        raise ConfigError(f"{owner}: {name}={value} must lie in [0, 1].")
 
 
-def _check_scale(name: str, value: tuple[float, float]) -> None:
+def _check_scale(owner: str, name: str, value: tuple[float, float]) -> None:
     low, high = value
     if not 0.0 < low <= high <= 1.0:
         raise ConfigError(
-            f"MultiCropAugmentation: {name}={value} must satisfy 0 < low <= high <= 1 "
+            f"{owner}: {name}={value} must satisfy 0 < low <= high <= 1 "
             "(fractions of the tile area)."
         )
 
 
-class MultiCropAugmentation:
-    """DINO multi-crop views of a batch of H&E tiles.
+@dataclass(frozen=True)
+class ViewAugmentation:
+    """The random changes every DINO view gets besides its crop, drawn per tile and per view.
 
-    The first two crops are global (``global_size_px``, ``global_scale``), the remaining
-    ``n_local_crops`` local. As in DINO the two global views are asymmetric: the first is
-    blurred with probability ``global_blur_p[0]``, the second with ``global_blur_p[1]``, and only
-    the second may be solarised. Each view applies, per tile: crop, flip/rotation, colour jitter
-    (brightness, contrast, saturation, hue, in that order), stain jitter, grayscale, blur,
-    solarisation and normalisation.
+    Kept apart from `MultiCropAugmentation`'s crop geometry as one typed group so that configs
+    merge key by key: a second ``--config`` that sets only ``data.augmentation.hed_scale`` keeps
+    the first one's ``blur_sigma``.
 
     Args:
-        global_size_px: Side of a global crop in pixels.
-        local_size_px: Side of a local crop in pixels.
-        n_local_crops: Number of local crops (0 disables them).
-        global_scale: Area fraction range of the tile a global crop covers.
-        local_scale: Area fraction range of the tile a local crop covers.
         dihedral: Random flips and 90° rotations.
         color_jitter_p: Probability of colour jitter.
         brightness: Colour-jitter brightness strength (factor uniform in 1 ± brightness).
@@ -214,11 +209,69 @@ class MultiCropAugmentation:
         global_blur_p: Blur probabilities of the first and the second global crop.
         local_blur_p: Blur probability of each local crop.
         solarize_p: Solarisation probability of the second global crop.
+
+    Raises:
+        ConfigError: If a probability, strength or sigma range is invalid.
+    """
+
+    dihedral: bool = True
+    color_jitter_p: float = 0.8
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.1
+    hue: float = 0.0
+    hed_jitter_p: float = 0.5
+    hed_scale: float = 0.05
+    hed_bias: float = 0.02
+    grayscale_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    global_blur_p: tuple[float, float] = (1.0, 0.1)
+    local_blur_p: float = 0.5
+    solarize_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for name in [
+            "color_jitter_p",
+            "hed_jitter_p",
+            "grayscale_p",
+            "local_blur_p",
+            "solarize_p",
+            "brightness",
+            "contrast",
+            "saturation",
+        ]:
+            _check_unit_interval(owner, name, getattr(self, name))
+        for index, p in enumerate(self.global_blur_p):
+            _check_unit_interval(owner, f"global_blur_p[{index}]", p)
+        if not 0.0 <= self.hue <= 0.5:
+            raise ConfigError(f"{owner}: hue={self.hue} must lie in [0, 0.5].")
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(f"{owner}: blur_sigma={self.blur_sigma} needs 0 < low <= high.")
+
+
+class MultiCropAugmentation:
+    """DINO multi-crop views of a batch of H&E tiles.
+
+    The first two crops are global (``global_size_px``, ``global_scale``), the remaining
+    ``n_local_crops`` local. As in DINO the two global views are asymmetric: the first is
+    blurred with probability ``views.global_blur_p[0]``, the second with
+    ``views.global_blur_p[1]``, and only the second may be solarised. Each view applies, per
+    tile: crop, flip/rotation, colour jitter (brightness, contrast, saturation, hue, in that
+    order), stain jitter, grayscale, blur, solarisation and normalisation.
+
+    Args:
+        global_size_px: Side of a global crop in pixels.
+        local_size_px: Side of a local crop in pixels.
+        n_local_crops: Number of local crops (0 disables them).
+        global_scale: Area fraction range of the tile a global crop covers.
+        local_scale: Area fraction range of the tile a local crop covers.
+        views: The random changes of every view (flips, colour, stain, blur ...).
         mean: Per-channel normalisation mean (RGB, of [0, 1] intensities).
         std: Per-channel normalisation standard deviation.
 
     Raises:
-        ConfigError: If a size, count, scale range, probability or std is invalid.
+        ConfigError: If a size, count, scale range or std is invalid.
     """
 
     def __init__(
@@ -229,71 +282,28 @@ class MultiCropAugmentation:
         n_local_crops: int = 8,
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.4),
-        dihedral: bool = True,
-        color_jitter_p: float = 0.8,
-        brightness: float = 0.2,
-        contrast: float = 0.2,
-        saturation: float = 0.1,
-        hue: float = 0.0,
-        hed_jitter_p: float = 0.5,
-        hed_scale: float = 0.05,
-        hed_bias: float = 0.02,
-        grayscale_p: float = 0.0,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        global_blur_p: tuple[float, float] = (1.0, 0.1),
-        local_blur_p: float = 0.5,
-        solarize_p: float = 0.0,
+        views: ViewAugmentation = ViewAugmentation(),
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> None:
+        owner = type(self).__name__
         if global_size_px < 1 or local_size_px < 1:
             raise ConfigError(
-                f"MultiCropAugmentation: crop sizes must be positive, got "
+                f"{owner}: crop sizes must be positive, got "
                 f"global_size_px={global_size_px}, local_size_px={local_size_px}."
             )
         if n_local_crops < 0:
-            raise ConfigError(f"MultiCropAugmentation: n_local_crops={n_local_crops} must be >= 0.")
-        _check_scale("global_scale", global_scale)
-        _check_scale("local_scale", local_scale)
-        for name, value in [
-            ("color_jitter_p", color_jitter_p),
-            ("hed_jitter_p", hed_jitter_p),
-            ("grayscale_p", grayscale_p),
-            ("global_blur_p[0]", global_blur_p[0]),
-            ("global_blur_p[1]", global_blur_p[1]),
-            ("local_blur_p", local_blur_p),
-            ("solarize_p", solarize_p),
-            ("brightness", brightness),
-            ("contrast", contrast),
-            ("saturation", saturation),
-        ]:
-            _check_unit_interval(name, value)
-        if not 0.0 <= hue <= 0.5:
-            raise ConfigError(f"MultiCropAugmentation: hue={hue} must lie in [0, 0.5].")
+            raise ConfigError(f"{owner}: n_local_crops={n_local_crops} must be >= 0.")
+        _check_scale(owner, "global_scale", global_scale)
+        _check_scale(owner, "local_scale", local_scale)
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ConfigError(
-                f"MultiCropAugmentation: mean={mean} and std={std} need 3 values each, std > 0."
-            )
-        if not 0.0 < blur_sigma[0] <= blur_sigma[1]:
-            raise ConfigError(
-                f"MultiCropAugmentation: blur_sigma={blur_sigma} needs 0 < low <= high."
-            )
+            raise ConfigError(f"{owner}: mean={mean} and std={std} need 3 values each, std > 0.")
         self.global_size_px = global_size_px
         self.local_size_px = local_size_px
         self.n_local_crops = n_local_crops
         self.global_scale = global_scale
         self.local_scale = local_scale
-        self.dihedral = dihedral
-        self.color_jitter_p = color_jitter_p
-        self.jitter_strength = (brightness, contrast, saturation, hue)
-        self.hed_jitter_p = hed_jitter_p
-        self.hed_scale = hed_scale
-        self.hed_bias = hed_bias
-        self.grayscale_p = grayscale_p
-        self.blur_sigma = blur_sigma
-        self.global_blur_p = global_blur_p
-        self.local_blur_p = local_blur_p
-        self.solarize_p = solarize_p
+        self.views = views
         self.mean = tuple(mean)
         self.std = tuple(std)
 
@@ -332,8 +342,9 @@ class MultiCropAugmentation:
                 f"{got}; drop the alpha channel, convert to uint8 and stack (collate_tiles)."
             )
         images = tiles.permute(0, 3, 1, 2).float().div_(255.0)
-        blur_p = [*self.global_blur_p, *[self.local_blur_p] * self.n_local_crops]
-        solarize_p = [0.0, self.solarize_p, *[0.0] * self.n_local_crops]
+        views = self.views
+        blur_p = [*views.global_blur_p, *[views.local_blur_p] * self.n_local_crops]
+        solarize_p = [0.0, views.solarize_p, *[0.0] * self.n_local_crops]
         return [
             self._view(images, index, blur_p[index], solarize_p[index])
             for index in range(self.n_crops)
@@ -344,26 +355,27 @@ class MultiCropAugmentation:
         is_global = index < 2
         size_px = self.global_size_px if is_global else self.local_size_px
         scale = self.global_scale if is_global else self.local_scale
-        crops = random_resized_crop(images, size_px, scale, dihedral=self.dihedral)
+        views = self.views
+        crops = random_resized_crop(images, size_px, scale, dihedral=views.dihedral)
         n, device = len(crops), crops.device
 
         def chance(p: float) -> Tensor:
             return torch.rand(n, device=device) < p
 
-        crops = self._colour_jitter(crops, chance(self.color_jitter_p))
-        jitter = chance(self.hed_jitter_p)
+        crops = self._colour_jitter(crops, chance(views.color_jitter_p))
+        jitter = chance(views.hed_jitter_p)
         if jitter.any():
-            factor = 1.0 + self.hed_scale * (2 * torch.rand(n, 3, device=device) - 1)
-            shift = self.hed_bias * (2 * torch.rand(n, 3, device=device) - 1)
+            factor = 1.0 + views.hed_scale * (2 * torch.rand(n, 3, device=device) - 1)
+            shift = views.hed_bias * (2 * torch.rand(n, 3, device=device) - 1)
             crops = hed_jitter(
                 crops, _identity_unless(jitter, factor, 1.0), _identity_unless(jitter, shift, 0.0)
             )
-        gray = chance(self.grayscale_p)
+        gray = chance(views.grayscale_p)
         if gray.any():
             crops = torch.where(gray[:, None, None, None], _luma(crops).expand_as(crops), crops)
         blur = chance(blur_p)
         if blur.any():
-            sigma = _uniform(*self.blur_sigma, n, device)
+            sigma = _uniform(*views.blur_sigma, n, device)
             crops = gaussian_blur(crops, _identity_unless(blur, sigma, 0.0))
         solarize = chance(solarize_p)
         if solarize.any():
@@ -377,20 +389,21 @@ class MultiCropAugmentation:
         """Brightness, contrast, saturation and hue changes of the images where ``apply``."""
         if not apply.any():
             return crops
-        brightness, contrast, saturation, hue = self.jitter_strength
+        views = self.views
         n, device = len(crops), crops.device
 
         def factor(strength: float) -> Tensor:
             drawn = _uniform(1 - strength, 1 + strength, n, device)
             return _identity_unless(apply, drawn, 1.0).view(n, 1, 1, 1)
 
-        crops = (crops * factor(brightness)).clamp(0.0, 1.0)
+        crops = (crops * factor(views.brightness)).clamp(0.0, 1.0)
         grey_level = _luma(crops).mean(dim=(2, 3), keepdim=True)
-        crops = (grey_level + factor(contrast) * (crops - grey_level)).clamp(0.0, 1.0)
+        crops = (grey_level + factor(views.contrast) * (crops - grey_level)).clamp(0.0, 1.0)
         luma = _luma(crops)
-        crops = (luma + factor(saturation) * (crops - luma)).clamp(0.0, 1.0)
-        if hue > 0:
-            crops = _rotate_hue(crops, _identity_unless(apply, _uniform(-hue, hue, n, device), 0))
+        crops = (luma + factor(views.saturation) * (crops - luma)).clamp(0.0, 1.0)
+        if views.hue > 0:
+            turns = _uniform(-views.hue, views.hue, n, device)
+            crops = _rotate_hue(crops, _identity_unless(apply, turns, 0))
         return crops
 
 

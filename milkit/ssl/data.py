@@ -28,7 +28,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, DistributedSampler
 
 from milkit.errors import ConfigError
-from milkit.ssl.augment import AugmentingCollate, MultiCropAugmentation, collate_tiles
+from milkit.ssl.augment import (
+    AugmentingCollate,
+    MultiCropAugmentation,
+    ViewAugmentation,
+    collate_tiles,
+)
 from milkit.ssl.tiles import CohortTileDataset, SlideTiles, find_slide_tiles
 
 __all__ = ["AugmentOn", "TileDataModule", "TileSampler"]
@@ -138,7 +143,7 @@ class TileDataHParams(Protocol):
     local_scale: tuple[float, float]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    augmentation: dict[str, Any] | None
+    augmentation: ViewAugmentation | dict[str, Any]  # LightningCLI saves the config's dict
     augment_on: AugmentOn
 
 
@@ -168,7 +173,8 @@ class TileDataModule(L.LightningDataModule):
         local_scale: Area fraction range of the tile a local crop covers.
         mean: Normalisation mean (RGB in [0, 1]).
         std: Normalisation standard deviation.
-        augmentation: Further `MultiCropAugmentation` arguments (colour/stain jitter, blur ...).
+        augmentation: The random changes of every crop (flips, colour and stain jitter, blur ...;
+            see `ViewAugmentation`). A config sets only the keys it changes.
         augment_on: Where the crops are made: ``workers`` (DataLoader workers, on their CPUs),
             ``device`` (the loader only reads tiles and the batch is augmented on the training
             device after the transfer: on a GPU the augmentation then costs a fraction of a step
@@ -197,7 +203,7 @@ class TileDataModule(L.LightningDataModule):
         local_scale: tuple[float, float] = (0.05, 0.4),
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
-        augmentation: dict[str, Any] | None = None,
+        augmentation: ViewAugmentation = ViewAugmentation(),
         augment_on: AugmentOn = "auto",
     ) -> None:
         super().__init__()
@@ -221,7 +227,7 @@ class TileDataModule(L.LightningDataModule):
             local_scale=cast(tuple[float, float], tuple(local_scale)),
             mean=cast(tuple[float, float, float], tuple(mean)),
             std=cast(tuple[float, float, float], tuple(std)),
-            **(augmentation or {}),
+            views=augmentation,
         )
         self.dataset: CohortTileDataset | None = None
 

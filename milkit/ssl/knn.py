@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from milkit.errors import ConfigError
 from milkit.features.encoders import Encoder, load_encoder
 from milkit.features.extract import ExtractionOptions, TileDataset, iterate_features
-from milkit.ssl.augment import MultiCropAugmentation, collate_tiles
+from milkit.ssl.augment import MultiCropAugmentation, ViewAugmentation, collate_tiles
 from milkit.ssl.tiles import CohortTileDataset, SlideTiles
 
 __all__ = [
@@ -326,7 +326,7 @@ def knn_supervised_reference(
             global_size_px=encoder.input_size[0],
             n_local_crops=0,
             global_scale=(0.8, 1.0),
-            global_blur_p=(0.0, 0.0),
+            views=ViewAugmentation(global_blur_p=(0.0, 0.0)),
             mean=encoder.mean,
             std=encoder.std,
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from milkit.errors import ConfigError, MilkitError
 from milkit.ssl.augment import (
     AugmentingCollate,
     MultiCropAugmentation,
+    ViewAugmentation,
     collate_tiles,
     gaussian_blur,
     hed_jitter,
@@ -28,6 +31,7 @@ NO_COLOUR = dict(
     local_blur_p=0.0,
     solarize_p=0.0,
 )
+GEOMETRY_ONLY = ViewAugmentation(**NO_COLOUR)
 
 
 def _tile(height: int = 48, width: int = 40, seed: int = 0) -> np.ndarray:
@@ -64,7 +68,7 @@ def test_normalisation_uses_mean_and_std() -> None:
     tile = np.full((32, 32, 3), 128, dtype=np.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     aug = MultiCropAugmentation(
-        global_size_px=16, local_size_px=8, n_local_crops=2, mean=mean, std=std, **NO_COLOUR
+        global_size_px=16, local_size_px=8, n_local_crops=2, mean=mean, std=std, views=GEOMETRY_ONLY
     )
     expected = (128 / 255 - torch.tensor(mean)) / torch.tensor(std)
     for crop in aug(tile[None]):
@@ -109,7 +113,7 @@ def test_geometry_only_pipeline_preserves_pixel_multiset() -> None:
         n_local_crops=0,
         mean=(0.0, 0.0, 0.0),
         std=(1.0, 1.0, 1.0),
-        **NO_COLOUR,
+        views=GEOMETRY_ONLY,
     )
     torch.manual_seed(1)
     expected = np.sort(tile.reshape(-1, 3), axis=0)
@@ -143,9 +147,9 @@ def test_default_stain_jitter_is_mild() -> None:
         0.6 + 0.4 * torch.rand(1, 1, 32, 32)
     )
     tiles = (image.repeat(16, 1, 1, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    options = {**NO_COLOUR, "hed_jitter_p": 1.0, "mean": (0.0,) * 3, "std": (1.0,) * 3}
+    views = ViewAugmentation(**{**NO_COLOUR, "hed_jitter_p": 1.0, "dihedral": False})
     aug = MultiCropAugmentation(global_size_px=32, global_scale=(1.0, 1.0), n_local_crops=0,
-                                dihedral=False, **options)  # fmt: skip
+                                views=views, mean=(0.0,) * 3, std=(1.0,) * 3)  # fmt: skip
     change = (aug(tiles)[0] - tiles.permute(0, 3, 1, 2) / 255).abs().mean(dim=(1, 2, 3))
     assert 0.0 < change.max() < 0.08 and change.min() < change.max()
 
@@ -164,8 +168,9 @@ def test_gaussian_blur_matches_torchvision_per_image(sigma: float) -> None:
 def test_colour_jitter_keeps_range_and_grey_stays_grey() -> None:
     torch.manual_seed(0)
     grey = torch.full((8, 16, 16, 3), 100, dtype=torch.uint8)
-    options = {**NO_COLOUR, "color_jitter_p": 1.0, "hue": 0.2, "mean": (0.0,) * 3}
-    aug = MultiCropAugmentation(global_size_px=16, n_local_crops=0, std=(1.0,) * 3, **options)
+    views = ViewAugmentation(**{**NO_COLOUR, "color_jitter_p": 1.0, "hue": 0.2})
+    aug = MultiCropAugmentation(global_size_px=16, n_local_crops=0, views=views,
+                                mean=(0.0,) * 3, std=(1.0,) * 3)  # fmt: skip
     crops = aug(grey)[0]
     assert crops.min() >= 0 and crops.max() <= 1
     # saturation and hue do not colour a grey image; brightness changes it per image
@@ -175,21 +180,24 @@ def test_colour_jitter_keeps_range_and_grey_stays_grey() -> None:
 
 
 @pytest.mark.parametrize(
-    ("options", "named"),
+    ("make", "options", "named"),
     [
-        ({"global_scale": (0.6, 0.2)}, "global_scale"),
-        ({"local_scale": (0.0, 0.4)}, "local_scale"),
-        ({"color_jitter_p": 1.5}, "color_jitter_p"),
-        ({"n_local_crops": -1}, "n_local_crops"),
-        ({"std": (0.2, 0.0, 0.2)}, "std"),
-        ({"blur_sigma": (2.0, 1.0)}, "blur_sigma"),
-        ({"brightness": 1.5}, "brightness"),
-        ({"hue": 0.7}, "hue"),
+        (MultiCropAugmentation, {"global_scale": (0.6, 0.2)}, "global_scale"),
+        (MultiCropAugmentation, {"local_scale": (0.0, 0.4)}, "local_scale"),
+        (MultiCropAugmentation, {"n_local_crops": -1}, "n_local_crops"),
+        (MultiCropAugmentation, {"std": (0.2, 0.0, 0.2)}, "std"),
+        (ViewAugmentation, {"color_jitter_p": 1.5}, "color_jitter_p"),
+        (ViewAugmentation, {"global_blur_p": (1.0, -0.1)}, re.escape("global_blur_p[1]")),
+        (ViewAugmentation, {"blur_sigma": (2.0, 1.0)}, "blur_sigma"),
+        (ViewAugmentation, {"brightness": 1.5}, "brightness"),
+        (ViewAugmentation, {"hue": 0.7}, "hue"),
     ],
 )
-def test_invalid_options_raise_naming_the_option(options: dict, named: str) -> None:
+def test_invalid_options_raise_naming_the_option(
+    make: Callable[..., object], options: dict, named: str
+) -> None:
     with pytest.raises(ConfigError, match=named):
-        MultiCropAugmentation(**options)
+        make(**options)
 
 
 @pytest.mark.parametrize(

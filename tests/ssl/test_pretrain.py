@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from milkit.features.encoders import load_encoder
 from milkit.slides.tile_stage import TilingOptions, tile_slide
 from milkit.ssl import pretrain
+from milkit.ssl.augment import ViewAugmentation
 from milkit.ssl.data import TileDataModule
 from milkit.ssl.dino_module import DINOModule
 from milkit.synth import SlideParams, write_slide
@@ -59,6 +61,34 @@ def test_configs_load(name: str, expected: list[str], capsys: pytest.CaptureFixt
     printed = capsys.readouterr().out
     for line in expected:
         assert line in printed
+
+
+@pytest.mark.parametrize("recipe", ["dino_tiny_cpu.yaml", "dino_vits16.yaml"])
+def test_the_multi_site_overlay_changes_only_the_keys_it_sets(
+    recipe: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe_path, overlay_path = CONFIGS / recipe, CONFIGS / "multi_site.yaml"
+    args = ["--config", str(recipe_path), "--config", str(overlay_path), "--print_config"]
+    assert pretrain.main(args) == 0
+    merged = yaml.safe_load(capsys.readouterr().out)
+    original, overlay = (yaml.safe_load(p.read_text()) for p in (recipe_path, overlay_path))
+    augmentation = merged["data"]["augmentation"]
+    assert augmentation.items() >= overlay["data"]["augmentation"].items()
+    assert merged["model"]["koleo_weight"] == overlay["model"]["koleo_weight"]
+    # what the overlay leaves alone keeps the recipe's value, the recipe's blur included
+    assert merged["model"]["lr"] == original["model"]["lr"]
+    recipe_blur = original["data"].get("augmentation", {}).get("blur_sigma")
+    assert augmentation["blur_sigma"] == (recipe_blur or list(ViewAugmentation().blur_sigma))
+
+
+def test_a_misspelt_augmentation_key_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overlay = tmp_path / "typo.yaml"
+    overlay.write_text("data:\n  augmentation:\n    hed_scal: 0.5\n")
+    args = ["--config", str(CONFIGS / "dino_tiny_cpu.yaml"), "--config", str(overlay)]
+    assert pretrain.main([*args, "--print_config"]) == 2
+    assert "does not accept option 'augmentation.hed_scal'" in capsys.readouterr().err
 
 
 def test_full_scale_config_builds_with_linked_crop_settings(tmp_path: Path) -> None:
