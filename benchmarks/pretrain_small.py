@@ -12,7 +12,8 @@ and ``n_local_crops`` local crops) and both k-NN accuracies. Target: the whole r
 10 minutes on 2 CPU cores.
 
 Run: ``python benchmarks/pretrain_small.py`` (work files in ``benchmarks/_work/``, git-ignored);
-``--stain-spread 0.5`` makes the slides' staining differ as much as between sites.
+``--stain-spread 0.5`` makes the slides' staining differ as much as between sites, and
+``--overlay configs/ssl/multi_site.yaml`` adds the settings for such slides to the recipe.
 """
 
 from __future__ import annotations
@@ -35,19 +36,30 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ssl" / "dino_tiny_cpu.yaml"
 
 
-def loss_trend(metrics_csv: Path) -> tuple[float, float]:
-    """Mean training loss over the first and the last quarter of the logged steps."""
-    with metrics_csv.open() as handle:
-        losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row["train/loss"]]
+def loss_trend(run: Path) -> tuple[float, float]:
+    """Mean training loss over the first and the last quarter of the steps logged in ``run``."""
+    losses = []
+    for metrics_csv in sorted(run.rglob("metrics.csv")):  # one per logger version
+        with metrics_csv.open() as handle:
+            losses += [
+                float(row["train/loss"]) for row in csv.DictReader(handle) if row["train/loss"]
+            ]
+    if not losses:
+        raise SystemExit(
+            f"no training loss logged under {run}: the run was shorter than the recipe's "
+            "trainer.log_every_n_steps; give more steps (--max-steps)."
+        )
     quarter = max(1, len(losses) // 4)
     return sum(losses[:quarter]) / quarter, sum(losses[-quarter:]) / quarter
 
 
-def pretrain(config: Path, cohort: Path, coords: Path, run: Path, overrides: list[str]) -> float:
+def pretrain(
+    configs: list[Path], cohort: Path, coords: Path, run: Path, overrides: list[str]
+) -> float:
     """``milkit pretrain`` of one recipe into ``run`` (CSV-logged); returns its wall seconds.
 
     Args:
-        config: The recipe (YAML).
+        configs: The recipe (YAML), then any overlays, in the order they apply.
         cohort: The `make_knn_cohort` folder (``slides/`` inside).
         coords: Its coordinate folder.
         run: The run folder (``encoder/`` is written inside).
@@ -58,7 +70,7 @@ def pretrain(config: Path, cohort: Path, coords: Path, run: Path, overrides: lis
         "init_args": {"save_dir": str(run)},
     }
     argv = [
-        "--config", str(config),
+        *[arg for config in configs for arg in ("--config", str(config))],
         "--data.slides_dir", str(cohort / "slides"),
         "--data.coords_dir", str(coords),
         "--out", str(run),
@@ -95,6 +107,9 @@ def cohort_options(parser: argparse.ArgumentParser) -> None:
         help="per-slide stain strength spread (0.5: slides pooled from several sites)",
     )
     parser.add_argument("--config", type=Path, default=CONFIG, help="the DINO recipe")
+    parser.add_argument("--overlay", type=Path, action="append", default=[],
+                        help="a config given after the recipe (e.g. configs/ssl/multi_site.yaml); "
+                        "repeatable")  # fmt: skip
 
 
 def build_cohort(args: argparse.Namespace) -> Path:
@@ -128,7 +143,9 @@ def main() -> None:
     overrides = list(args.set)
     if args.max_steps is not None:
         overrides.append(f"trainer.max_steps={args.max_steps}")
-    pretrain_s = pretrain(args.config, args.work / "cohort", coords, run, overrides)
+    pretrain_s = pretrain(
+        [args.config, *args.overlay], args.work / "cohort", coords, run, overrides
+    )
 
     knn_started = time.perf_counter()
     truth = args.work / "cohort" / "truth"
@@ -142,7 +159,7 @@ def main() -> None:
         f"local-dir:{run / 'encoder'}", labelled, training, seeds=ceiling_seeds
     )
 
-    first, last = loss_trend(next(run.rglob("metrics.csv")))
+    first, last = loss_trend(run)
     print(
         f"cohort {args.n_slides} slides: {cohort_s:.0f} s | pretrain: {pretrain_s:.0f} s | "
         f"k-NN: {knn_s:.0f} s | total: {total_s:.0f} s ({total_s / 60:.1f} min, target <= 10)\n"

@@ -69,13 +69,15 @@ def main() -> None:
             callback = {"class_path": "pretrain_sweep.ExportEvery",
                         "init_args": {"every": args.export_every, "out_dir": str(run)}}  # fmt: skip
             overrides.append(f"trainer.callbacks={json.dumps([callback])}")
-        seconds = pretrain(args.config, args.work / "cohort", coords, run, overrides)
+        seconds = pretrain(
+            [args.config, *args.overlay], args.work / "cohort", coords, run, overrides
+        )
         for export in sorted(
             run.glob("encoder_step*"), key=lambda p: int(p.name.removeprefix("encoder_step"))
         ):
             accuracy = knn_by_slide(load_encoder(f"local-dir:{export}"), labelled).accuracy
             print(f"SWEEP {name} {export.name}: k-NN {accuracy:.3f}", flush=True)
-        first, last = loss_trend(next(run.rglob("metrics.csv")))
+        first, last = loss_trend(run)
         random, trained = knn_scores(run, labelled)
         print(
             f"SWEEP {name} [{spec}]: {seconds:.0f} s, loss {first:.3f} -> {last:.3f}, k-NN random "
