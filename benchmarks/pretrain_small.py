@@ -147,6 +147,7 @@ def main() -> None:
         [args.config, *args.overlay], args.work / "cohort", coords, run, overrides
     )
 
+    first, last = loss_trend(run)  # before the k-NN minutes: fails fast if nothing was logged
     knn_started = time.perf_counter()
     truth = args.work / "cohort" / "truth"
     labelled = synthetic_tile_labels(coords, truth)
@@ -159,7 +160,6 @@ def main() -> None:
         f"local-dir:{run / 'encoder'}", labelled, training, seeds=ceiling_seeds
     )
 
-    first, last = loss_trend(run)
     print(
         f"cohort {args.n_slides} slides: {cohort_s:.0f} s | pretrain: {pretrain_s:.0f} s | "
         f"k-NN: {knn_s:.0f} s | total: {total_s:.0f} s ({total_s / 60:.1f} min, target <= 10)\n"
