@@ -20,8 +20,8 @@ import torch
 
 from milkit.features.encoders import load_encoder
 from milkit.features.extract import ExtractionOptions, autocast_dtype, extract_slide
-from milkit.features.formats import read_coords
-from milkit.slides.tile_stage import TilingOptions, coords_path, tile_slide
+from milkit.features.tile_file import read_coords
+from milkit.pipeline.tile import TilingOptions, coords_path, tile_slide
 from milkit.synth import write_slide
 from milkit.synth.layout import SlideParams
 

@@ -29,14 +29,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from milkit.heatmaps.batch import HeatmapOptions, render_slide
 from milkit.heatmaps.geojson import tile_features, write_geojson
-from milkit.heatmaps.predictions import read_predictions
 from milkit.heatmaps.render import region_canvas, render_heatmap, whole_slide_canvas
+from milkit.pipeline.heatmap import HeatmapOptions, render_slide
 from milkit.slides.reader import open_slide
 from milkit.slides.tiling import plan_tile_spec
 from milkit.slides.tissue import grid_coords
 from milkit.synth import SlideParams, write_slide
+from milkit.training.prediction_file import read_predictions
 
 N_TILES = 20_000
 SLIDE_PX = (8192, 6144)

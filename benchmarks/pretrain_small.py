@@ -29,7 +29,7 @@ from pathlib import Path
 from milkit.features.encoders import load_encoder
 from milkit.ssl import pretrain as pretrain_cli
 from milkit.ssl.knn import KnnResult, knn_by_slide, knn_random_init, knn_supervised_reference
-from milkit.ssl.knn_cohort import make_knn_cohort, synthetic_tile_labels
+from milkit.synth.knn_cohort import make_knn_cohort, synthetic_tile_labels
 from milkit.synth.layout import ONE_LAB_STAIN_SPREAD
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from pretrain_small import build_cohort, cohort_options, knn_scores, loss_trend,
 from milkit.features.encoders import load_encoder
 from milkit.ssl.export import export_backbone
 from milkit.ssl.knn import knn_by_slide
-from milkit.ssl.knn_cohort import synthetic_tile_labels
+from milkit.synth.knn_cohort import synthetic_tile_labels
 
 
 class ExportEvery(Callback):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def _tile_in_this_process(slide: Path, out: Path) -> None:
-    from milkit.slides.tile_stage import TilingOptions, tile_slide
+    from milkit.pipeline.tile import TilingOptions, tile_slide
 
     # Imports done and libraries loaded: what is added from here on is the slide's.
     baseline_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from milkit.data.bags import BagDataset
 from milkit.data.datamodule import MILDataModule
-from milkit.data.synthetic import write_witness_cohort
 from milkit.models.abmil import ABMIL
+from milkit.synth.features import write_witness_cohort
 
 
 def _raw_epoch(paths: list[Path]) -> int:

@@ -118,8 +118,9 @@ def _tiling_job(
     args: argparse.Namespace,
 ) -> tuple[Any, list[Path], tuple[int, int], dict[str, float] | None]:
     """Tiling options, this shard's slides, the shard and per-slide mpps from ``tile``/``preprocess`` args."""
-    from milkit.batch import find_slides, parse_shard, take_shard
-    from milkit.slides.tile_stage import TilingOptions, read_mpp_csv
+    from milkit.pipeline.batch import parse_shard, take_shard
+    from milkit.pipeline.tile import TilingOptions, read_mpp_csv
+    from milkit.slides.folder import find_slides
 
     options = TilingOptions(
         target_mpp=args.mpp,
@@ -136,7 +137,7 @@ def _tiling_job(
 
 
 def _add_tile(subparsers: argparse._SubParsersAction) -> None:
-    from milkit.slides.tile_stage import default_workers
+    from milkit.pipeline.tile import default_workers
 
     parser = subparsers.add_parser(
         "tile",
@@ -154,7 +155,7 @@ def _add_tile(subparsers: argparse._SubParsersAction) -> None:
 def _run_tile(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from milkit.slides.tile_stage import run_tiling
+    from milkit.pipeline.tile import run_tiling
 
     options, slides, shard, mpp_by_slide = _tiling_job(args)
     with tqdm(total=len(slides), desc="tile", unit="slide") as bar:
@@ -167,13 +168,13 @@ def _run_tile(args: argparse.Namespace) -> int:
 
 
 def _add_preprocess(subparsers: argparse._SubParsersAction) -> None:
-    from milkit.slides.tile_stage import default_workers
+    from milkit.pipeline.tile import default_workers
 
     parser = subparsers.add_parser(
         "preprocess",
         help="tile a folder of slides and extract tile features to HDF5",
         description="Tiling (reusing finished coordinate files) and feature extraction. Writes "
-        "OUT/features/<slide>.h5 (design.md §4); resumable; finished files whose encoder, "
+        "OUT/features/<slide>.h5 (docs/design.md §4); resumable; finished files whose encoder, "
         "weights, tile spec and dtype match are skipped, anything else is recomputed.",
     )
     _add_tiling_arguments(parser)
@@ -227,7 +228,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
 
     from milkit.features.encoders import load_encoder
     from milkit.features.extract import ExtractionOptions
-    from milkit.features.preprocess_stage import run_preprocess
+    from milkit.pipeline.preprocess import run_preprocess
 
     tiling, slides, shard, mpp_by_slide = _tiling_job(args)
     extraction = ExtractionOptions(
@@ -287,7 +288,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_heatmap(subparsers: argparse._SubParsersAction) -> None:
-    from milkit.heatmaps import command
+    from milkit.pipeline import heatmap_command as command
 
     parser = subparsers.add_parser("heatmap", help=command.HELP, description=command.DESCRIPTION)
     command.add_arguments(parser)
@@ -313,7 +314,7 @@ _LIGHTNING_COMMANDS = {
         "K-fold x R cross-validation with a summary of every metric",
     ),
     "continual": (
-        "milkit.training.continual",
+        "milkit.training.continual.run",
         "main",
         "continual MIL over a task sequence (CoMEL)",
     ),

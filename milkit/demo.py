@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from milkit.batch import find_slides
 from milkit.errors import MilkitError
+from milkit.slides.folder import find_slides
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,8 @@ def run_demo(
     """
     from milkit.features.encoders import load_encoder
     from milkit.features.extract import ExtractionOptions
-    from milkit.features.preprocess_stage import run_preprocess
-    from milkit.slides.tile_stage import TilingOptions, default_workers
+    from milkit.pipeline.preprocess import run_preprocess
+    from milkit.pipeline.tile import TilingOptions, default_workers
     from milkit.synth import make_cohort
     from milkit.synth.annotate import annotate_feature_files
 
@@ -182,7 +182,7 @@ def run_demo(
     tiling = TilingOptions(target_mpp=0.5, tile_size_px=224)
 
     def self_supervised() -> None:
-        from milkit.slides.tile_stage import run_tiling
+        from milkit.pipeline.tile import run_tiling
         from milkit.ssl import pretrain as pretrain_cli
 
         if (dino_dir / "encoder" / "config.json").is_file():
@@ -252,7 +252,7 @@ def run_demo(
         report.results["WeakSTIL slide Spearman"] = _mean_sd(summary, "spearman")
 
     def continual() -> None:
-        from milkit.training import continual as continual_cli
+        from milkit.training.continual import run as continual_cli
 
         run = runs / "continual_owlora"
         results_path = run / continual_cli.RESULTS_JSON
@@ -269,7 +269,7 @@ def run_demo(
         report.results["continual (OWLoRA) BWT"] = f"{results['bwt']:+.3f}"
 
     def heatmaps() -> None:
-        from milkit.heatmaps.batch import render_run
+        from milkit.pipeline.heatmap import render_run
 
         fold_dir = runs / "abmil_cv" / "repeat0" / "fold0"
         slides = sorted(p.stem for p in (fold_dir / "predictions").glob("*.h5"))[: plan.heatmaps]

@@ -40,3 +40,15 @@ class LabelsError(MilkitError):
 
 class ConfigError(MilkitError):
     """A configuration value is invalid."""
+
+
+class BagBatchError(MilkitError, ValueError):
+    """A padded batch of bags is malformed.
+
+    Raised when shapes disagree, the mask is not bool, or a bag has no real tile at all
+    (attention over an empty bag is undefined).
+    """
+
+
+class TruthFileError(MilkitError):
+    """A ground-truth file of a synthetic slide is missing or malformed."""

@@ -1,4 +1,4 @@
-"""Every continual strategy on one task sequence, side by side (papers.md D).
+"""Every continual strategy on one task sequence, side by side (docs/papers.md D).
 
 Runs ``milkit continual`` once per strategy on the same features, labels and seed (each run
 resumable: finished runs are reused), then prints one table and writes
@@ -118,7 +118,8 @@ def run(argv: Sequence[str]) -> int:
         features_dir, labels_csv, out_dir = args.paths
     else:
         parser.error("give FEATURES_DIR LABELS_CSV OUT_DIR (or --synthetic N OUT_DIR)")
-    from milkit.training import continual  # Lightning: imported only once there is work to do
+    # Lightning: imported only once there is work to do
+    from milkit.training.continual import run as continual
 
     results = {}
     for strategy in args.strategies:

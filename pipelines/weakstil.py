@@ -1,6 +1,6 @@
 """WeakSTIL end to end: a slide folder and a CSV of slide-level sTIL scores -> tile TIL maps.
 
-Three milkit stages, each resumable, with nothing of its own in between (papers.md C):
+Three milkit stages, each resumable, with nothing of its own in between (docs/papers.md C):
 
 1. ``milkit preprocess SLIDES OUT/preprocessed``: tissue, tiles at ``--mpp``, tile features;
 2. ``milkit cv --config configs/experiments/weakstil.yaml``: the tile-score regressor trained

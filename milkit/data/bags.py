@@ -1,12 +1,12 @@
 """Bags of tile features read lazily from feature files, and the padding collate.
 
-:func:`probe_bag` learns a file's layout once (through :mod:`milkit.features.store`, which
+:func:`probe_bag` learns a file's layout once (through :mod:`milkit.features.tile_file`, which
 knows the milkit, CLAM, TRIDENT and STAMP formats). :class:`BagDataset` then reads only the
 ``features`` and ``coords`` datasets per item through h5py handles that each process opens
 for itself on first use (never pickled into DataLoader workers) and keeps open. Features keep
 their stored dtype (float16 halves the bytes moved); the training module casts them on its
 device. ``store.py`` has no such cheap per-item reader, so it lives here; files that need a
-conversion on read (STAMP's micron coordinates) go through :func:`milkit.features.formats.read_bag`.
+conversion on read (STAMP's micron coordinates) go through :func:`milkit.features.tile_file.read_bag`.
 
 A *tile subset* (e.g. the tumour bed) is a boolean ``(N,)`` dataset in the feature file, named
 by the caller; tiles outside it are left out of the bag when it is read. That is the same as
@@ -27,10 +27,10 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from milkit.errors import FeatureFileError
-from milkit.features.formats import read_bag, read_coords, read_features_dim
+from milkit.errors import BagBatchError, FeatureFileError
+from milkit.features.tile_file import read_bag, read_coords, read_features_dim
 
 
 @dataclass(frozen=True)
@@ -290,6 +290,49 @@ class BagDataset(Dataset[BagItem]):
             return read_tile_subset(file, name, n_tiles)
 
 
+def pad_bags(
+    bags: Sequence[torch.Tensor], dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack bags of different lengths into one zero-padded batch (milkit's one padding).
+
+    Each byte is written once: no zero fill of the whole batch first, and a single bag is
+    batched without copying.
+
+    Args:
+        bags: ``B`` tensors of shape ``(N_b, K)`` (features, or coordinates), each non-empty.
+        dtype: Type of the batch; default the bags' own (float32 when they differ).
+
+    Returns:
+        ``padded (B, max N_b, K)`` with zero tails and ``mask (B, max N_b)`` bool.
+
+    Raises:
+        BagBatchError: If there are no bags, a bag is empty, or the widths differ.
+    """
+    if not bags:
+        raise BagBatchError("pad_bags needs at least one bag, got none.")
+    if len({tuple(bag.shape[1:]) for bag in bags}) != 1 or any(
+        bag.dim() != 2 or len(bag) == 0 for bag in bags
+    ):
+        shapes = [tuple(bag.shape) for bag in bags]
+        raise BagBatchError(f"bags must be non-empty (N_b, K) with one K, got shapes {shapes}.")
+    if dtype is None:
+        dtypes = {bag.dtype for bag in bags}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # mixed precisions
+    device = bags[0].device
+    lengths = torch.tensor([len(bag) for bag in bags], device=device)
+    if len(bags) == 1:
+        padded = bags[0][None].to(dtype)
+    else:
+        padded = torch.empty(
+            (len(bags), int(lengths.max()), bags[0].shape[1]), dtype=dtype, device=device
+        )
+        for index, bag in enumerate(bags):
+            padded[index, : len(bag)] = bag
+            padded[index, len(bag) :] = 0
+    mask = torch.arange(padded.shape[1], device=device) < lengths[:, None]
+    return padded, mask
+
+
 def collate_bags(items: Sequence[BagItem]) -> BagBatch:
     """Pad bags of different lengths into one batch.
 
@@ -299,15 +342,8 @@ def collate_bags(items: Sequence[BagItem]) -> BagBatch:
     Returns:
         The padded :class:`BagBatch`; a single bag is batched without copying.
     """
-    lengths = torch.tensor([len(item.features) for item in items])
-    if len(items) == 1:
-        features, coords = items[0].features[None], items[0].coords[None]
-    else:
-        dtypes = {item.features.dtype for item in items}
-        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # mixed precisions
-        features = _pad([item.features for item in items], dtype)
-        coords = _pad([item.coords for item in items], torch.int64)
-    mask = torch.arange(features.shape[1]) < lengths[:, None]
+    features, mask = pad_bags([item.features for item in items])
+    coords, _ = pad_bags([item.coords for item in items], torch.int64)
     targets = [item.target for item in items]
     target_tensor = None
     if all(target is not None for target in targets):
@@ -324,12 +360,34 @@ def collate_bags(items: Sequence[BagItem]) -> BagBatch:
     )
 
 
-def _pad(rows: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``B`` tensors ``(n_b, K)`` -> ``(B, max n_b, K)`` with zero tails; each byte written once
-    (no zero fill of the whole batch first)."""
-    longest = max(len(row) for row in rows)
-    out = torch.empty((len(rows), longest, rows[0].shape[1]), dtype=dtype)
-    for index, row in enumerate(rows):
-        out[index, : len(row)] = row
-        out[index, len(row) :] = 0
-    return out
+def bag_loader(
+    dataset: BagDataset,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    shuffle: bool = False,
+    sampler: Sampler | None = None,
+) -> DataLoader:
+    """The DataLoader of padded bag batches every milkit training run uses.
+
+    Args:
+        dataset: The bags.
+        batch_size: Bags per batch.
+        num_workers: Worker processes reading bags (0: in this process); kept alive between
+            epochs.
+        shuffle: Reshuffle every epoch (without a ``sampler``).
+        sampler: Order of the bags, e.g. class-balanced or a rank's share under DDP.
+
+    Returns:
+        A loader of :class:`BagBatch`.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_bags,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )

@@ -16,6 +16,7 @@ from typing import Any
 
 import h5py
 
+from milkit.atomic import TMP_SUFFIX
 from milkit.data.bags import BagInfo, probe_bag, read_tile_subset
 from milkit.data.labels import (
     LabelTable,
@@ -26,7 +27,6 @@ from milkit.data.labels import (
     read_labels,
 )
 from milkit.errors import FeatureFileError, LabelsError
-from milkit.features.store import TMP_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def load_cohort(
 
     Args:
         features_dir: Folder of ``<slide_id>.h5`` feature files.
-        labels_csv: The labels CSV (design.md §5); None to take every finished file in
+        labels_csv: The labels CSV (docs/design.md §5); None to take every finished file in
             ``features_dir`` without targets (prediction on new slides).
         target: Name of the target column.
         task: ``"classification"`` or ``"regression"``.

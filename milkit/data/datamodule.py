@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
-from milkit.data.bags import BagDataset, collate_bags
+from milkit.data.bags import BagDataset, bag_loader
 from milkit.data.cohort import Cohort, load_cohort
-from milkit.data.labels import TaskType
+from milkit.data.labels import LabelTable, SlideLabel, TaskType
 from milkit.data.splits import Split, make_split, quantile_strata
 from milkit.errors import ConfigError, LabelsError
 
@@ -55,7 +55,7 @@ class MILDataModule(pl.LightningDataModule):
             features_dir: Folder of ``<slide_id>.h5`` feature files (milkit, CLAM, TRIDENT or
                 STAMP; ``features`` and ``coords`` are all that is needed).
             labels_csv: CSV with ``slide_id``, the target column and optionally
-                ``patient_id``, ``fold`` or ``split``, ``task`` (design.md §5). None only for
+                ``patient_id``, ``fold`` or ``split``, ``task`` (docs/design.md §5). None only for
                 ``predict`` over every file in ``features_dir`` (then give ``class_names``).
             target: Name of the target column.
             task: ``"classification"`` (class names) or ``"regression"`` (numbers).
@@ -230,15 +230,14 @@ class MILDataModule(pl.LightningDataModule):
             strata = quantile_strata([float(r.target) for r in rows], _REGRESSION_STRATA)  # type: ignore[arg-type]
         else:
             strata = np.array([str(r.target) for r in rows])
-        return make_split(
+        return split_label_rows(
+            cohort.labels,
+            rows,
             strata,
-            [r.patient_id for r in rows],
             fold=self.fold,
             n_folds=self.n_folds,
             val_fraction=self.val_fraction,
             seed=self.split_seed,
-            folds=[r.fold for r in rows] if cohort.labels.has_fold else None,  # type: ignore[misc]
-            splits=[r.split for r in rows] if cohort.labels.has_split else None,  # type: ignore[misc]
         )
 
     def _targets(self, rows: np.ndarray) -> list:
@@ -278,15 +277,12 @@ class MILDataModule(pl.LightningDataModule):
         shuffle: bool = False,
         sampler: torch.utils.data.Sampler | None = None,
     ) -> DataLoader:
-        return DataLoader(
+        return bag_loader(
             dataset,
             batch_size=self.batch_size,
+            num_workers=self.num_workers,
             shuffle=shuffle,
             sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_bags,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
         )
 
     def _eval_sampler(self, dataset: BagDataset) -> DistributedSampler | None:
@@ -323,3 +319,42 @@ def _ranges(lines: Sequence[int]) -> str:
         else:
             parts.append(str(line))
     return ", ".join(parts)
+
+
+def split_label_rows(
+    table: LabelTable | None,
+    rows: Sequence[SlideLabel],
+    strata: Sequence[Any] | np.ndarray,
+    *,
+    fold: int,
+    n_folds: int,
+    val_fraction: float,
+    seed: int,
+) -> Split:
+    """The train/val/test split of labelled slides, as every milkit run makes it.
+
+    Patients are never cut; a ``fold`` or ``split`` column of the labels CSV wins over the
+    computed folds (:func:`milkit.data.splits.make_split`).
+
+    Args:
+        table: The labels CSV the rows come from (which optional columns it has), if any.
+        rows: The slides to split, in cohort order.
+        strata: One stratum per row (class label, or a quantile bin of a regression target).
+        fold: The held-out fold.
+        n_folds: Folds of the cross-validation.
+        val_fraction: Part of the training folds kept for validation.
+        seed: Seed of the fold assignment.
+
+    Returns:
+        Row indices of each part.
+    """
+    return make_split(
+        strata,
+        [row.patient_id for row in rows],
+        fold=fold,
+        n_folds=n_folds,
+        val_fraction=val_fraction,
+        seed=seed,
+        folds=[row.fold for row in rows] if table and table.has_fold else None,  # type: ignore[misc]
+        splits=[row.split for row in rows] if table and table.has_split else None,  # type: ignore[misc]
+    )

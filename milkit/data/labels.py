@@ -1,4 +1,4 @@
-"""The labels CSV (design.md §5): one row per slide, read and checked all at once.
+"""The labels CSV (docs/design.md §5): one row per slide, read and checked all at once.
 
 Columns: ``slide_id`` (the feature file's stem), a target column named in the config, and
 optionally ``patient_id`` (splits never cut a patient), ``fold`` (integer) or ``split``

@@ -1,4 +1,4 @@
-"""Train/validation/test splits that never cut a patient (papers.md E).
+"""Train/validation/test splits that never cut a patient (docs/papers.md E).
 
 Splits come from a ``split`` column, from a ``fold`` column, or are generated: a stratified
 k-fold over patients (every patient's slides land in one fold, and each fold's class mix

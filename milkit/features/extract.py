@@ -21,8 +21,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from milkit.errors import FeatureFileError, SlideReadError
 from milkit.features.encoders import Encoder
-from milkit.features.formats import read_coords
-from milkit.features.store import TileFileWriter
+from milkit.features.tile_file import TileCoords, TileFileWriter, read_coords
 from milkit.slides.reader import SlideReader, open_slide
 from milkit.slides.tiling import TileSpec, read_tile
 
@@ -65,25 +64,19 @@ def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | 
 class TileDataset(Dataset[dict[str, Any]]):
     """Tiles of one slide, read on demand (in DataLoader workers, one slide handle per worker).
 
+    The slide is opened at the spec's ``slide_mpp``: the resolution tiling used, whether the file
+    records it or it was given (``--slide-mpp``/``--mpp-csv``), so no override travels further.
+
     Args:
         slide_path: The slide.
         coords_level0: ``(N, 2)`` int64 top-left corners in level-0 pixels.
         spec: Tile geometry of the slide.
-        slide_mpp: Scan resolution overriding the file (for slides that record none).
     """
 
-    def __init__(
-        self,
-        slide_path: str | Path,
-        coords_level0: np.ndarray,
-        spec: TileSpec,
-        *,
-        slide_mpp: float | None = None,
-    ) -> None:
+    def __init__(self, slide_path: str | Path, coords_level0: np.ndarray, spec: TileSpec) -> None:
         self.slide_path = Path(slide_path)
         self.coords_level0 = np.asarray(coords_level0, dtype=np.int64)
         self.spec = spec
-        self.slide_mpp = slide_mpp
         self._reader: SlideReader | None = None
         self._reader_owner: int | None = None
 
@@ -95,7 +88,7 @@ class TileDataset(Dataset[dict[str, Any]]):
         worker = get_worker_info()
         owner = worker.id if worker is not None else -1
         if self._reader is None or self._reader_owner != owner:
-            self._reader = open_slide(self.slide_path, mpp=self.slide_mpp)
+            self._reader = open_slide(self.slide_path, mpp=self.spec.slide_mpp)
             self._reader_owner = owner
         return self._reader
 
@@ -194,40 +187,40 @@ def iterate_features(
 
 def extract_slide(
     slide_path: str | Path,
-    coords_file: str | Path,
+    coords: TileCoords | str | Path,
     out_path: str | Path,
     encoder: Encoder,
     *,
     config_hash: str,
     device: torch.device | str = "cpu",
     options: ExtractionOptions = ExtractionOptions(),
-    slide_mpp: float | None = None,
     progress: Callable[[int], Any] | None = None,
 ) -> ExtractionResult:
     """Extract one slide's tile features into ``out_path`` (atomically).
 
     Args:
         slide_path: The slide.
-        coords_file: Its coordinate file from ``milkit tile``.
+        coords: Its coordinate file from ``milkit tile``, already read or as a path.
         out_path: The feature file to write.
         encoder: The tile encoder.
         config_hash: Hash of everything that changes the numbers (stored for resume checks).
         device: Where the encoder runs.
         options: Batch size, workers, precision and stored dtype.
-        slide_mpp: Scan resolution overriding the file (for slides that record none).
         progress: Called with the number of tiles done after each batch.
 
     Raises:
-        FeatureFileError: The coordinate file is unfinished, or no tile could be read.
+        FeatureFileError: The coordinate file is unfinished or not milkit's, or no tile could
+            be read.
     """
     device = torch.device(device)
-    coords = read_coords(coords_file)
+    if not isinstance(coords, TileCoords):
+        coords = read_coords(coords)
     spec = coords.tile_spec
     if spec is None:
         raise FeatureFileError(
-            f"{coords_file}: not a milkit coordinate file (no tile_spec); rerun `milkit tile`."
+            f"{coords.path}: not a milkit coordinate file (no tile_spec); rerun `milkit tile`."
         )
-    dataset = TileDataset(slide_path, coords.coords, spec, slide_mpp=slide_mpp)
+    dataset = TileDataset(slide_path, coords.coords, spec)
     skipped: list[tuple[int, str]] = []
     with TileFileWriter(
         out_path,

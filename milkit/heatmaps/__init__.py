@@ -1,6 +1,6 @@
 """Heatmaps from cached prediction files, tile galleries and QuPath GeoJSON.
 
-Typical use (what ``milkit heatmap RUN_DIR`` does for every slide)::
+Typical use (what ``milkit heatmap RUN_DIR``, :mod:`milkit.pipeline.heatmap`, does for every slide)::
 
     from milkit.heatmaps import read_predictions, render_heatmap, whole_slide_canvas
     from milkit.slides.reader import open_slide
@@ -14,15 +14,6 @@ Typical use (what ``milkit heatmap RUN_DIR`` does for every slide)::
 Nothing here re-extracts features: every value comes from the prediction file.
 """
 
-from milkit.heatmaps.batch import (
-    HeatmapOptions,
-    find_runs,
-    index_slides,
-    locate_slide,
-    prediction_files,
-    render_run,
-    render_slide,
-)
 from milkit.heatmaps.colour import ColourScale, normalize_values
 from milkit.heatmaps.figures import heatmap_figure, save_figure, save_image, tile_gallery_figure
 from milkit.heatmaps.geojson import (
@@ -31,7 +22,6 @@ from milkit.heatmaps.geojson import (
     tissue_features,
     write_geojson,
 )
-from milkit.heatmaps.predictions import Predictions, TileValues, read_predictions
 from milkit.heatmaps.raster import TileRaster, Viewport, rasterize_tiles
 from milkit.heatmaps.render import (
     Heatmap,
@@ -41,31 +31,37 @@ from milkit.heatmaps.render import (
     whole_slide_canvas,
 )
 from milkit.heatmaps.tiles import TileGallery, region_around, tile_gallery, top_bottom_indices
+from milkit.slides.folder import index_slides
+from milkit.training.prediction_file import (
+    Predictions,
+    TileValues,
+    find_runs,
+    locate_slide,
+    prediction_files,
+    read_predictions,
+)
 
 __all__ = [
     "ColourScale",
     "Heatmap",
-    "HeatmapOptions",
     "Predictions",
     "SlideCanvas",
     "TileGallery",
     "TileRaster",
     "TileValues",
-    "Viewport",
     "find_runs",
-    "heatmap_figure",
     "index_slides",
     "locate_slide",
-    "normalize_values",
     "prediction_files",
+    "Viewport",
+    "heatmap_figure",
+    "normalize_values",
     "rasterize_tiles",
     "read_geojson",
     "read_predictions",
     "region_around",
     "region_canvas",
     "render_heatmap",
-    "render_run",
-    "render_slide",
     "save_figure",
     "save_image",
     "tile_features",

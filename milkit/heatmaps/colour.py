@@ -23,7 +23,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from milkit.errors import ConfigError
-from milkit.heatmaps.predictions import TileValues
+from milkit.training.prediction_file import TileValues
 
 NormalizeMode = Literal["auto", "raw", "rank", "minmax"]
 NORMALIZE_MODES = ("auto", "raw", "rank", "minmax")

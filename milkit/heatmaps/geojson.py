@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import approximate_polygon, find_contours
 
+from milkit.atomic import atomic_write
 from milkit.errors import ConfigError, MilkitError
 
 ObjectType = Literal["tile", "detection"]
@@ -207,14 +207,10 @@ def write_geojson(path: str | Path, features: list[dict[str, Any]]) -> Path:
         MilkitError: The file cannot be written.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as handle:
+        with atomic_write(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
             json.dump(feature_collection(features), handle, separators=(",", ":"), allow_nan=False)
-        os.replace(tmp, path)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise MilkitError(
             f"{path}: cannot write GeoJSON ({error}); check the folder is writable."
         ) from error

@@ -30,11 +30,10 @@ from milkit.heatmaps.colour import (
     colorize,
     normalize_values,
 )
-from milkit.heatmaps.predictions import Predictions, TileValues
 from milkit.heatmaps.raster import Viewport, rasterize_tiles
 from milkit.slides.reader import SlideReader
-from milkit.slides.tile_stage import THUMBNAIL_MPP
-from milkit.slides.tissue import detect_tissue
+from milkit.slides.tissue import THUMBNAIL_MPP, detect_tissue
+from milkit.training.prediction_file import Predictions, TileValues
 
 #: Longest side of a whole-slide heatmap by default, in pixels.
 DEFAULT_MAX_SIZE_PX = 2048

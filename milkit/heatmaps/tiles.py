@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 
 from milkit.errors import ConfigError
-from milkit.heatmaps.predictions import Predictions, TileValues
 from milkit.slides.reader import SlideReader
 from milkit.slides.tiling import read_tile
+from milkit.training.prediction_file import Predictions, TileValues
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,10 +1,12 @@
 """milkit.models: plain nn.Modules for multiple-instance learning over padded bags of tiles.
 
-Every model takes ``features (B, N, D)`` and ``mask (B, N)`` (True = real tile) and returns a
-:class:`MILOutput` (design.md §6). No Lightning, losses or files here.
+Every model takes ``features (B, N, D)``, ``mask (B, N)`` (True = real tile) and ``coords
+(B, N, 2)`` and returns a :class:`MILOutput` (docs/design.md §6; the contract is
+:mod:`milkit.models.contract`). No Lightning, losses or files here.
 """
 
 from milkit.models.abmil import ABMIL
+from milkit.models.contract import MILModel, MILModelBase, MultiTaskMILModel
 from milkit.models.dsmil import DSMIL, critical_instance_logits, critical_instances
 from milkit.models.gdat import GDATMIL
 from milkit.models.lora import LoRALinear
@@ -12,12 +14,10 @@ from milkit.models.lora_model import apply_lora
 from milkit.models.output import MILOutput
 from milkit.models.pooling import (
     AttentionPooling,
-    BagBatchError,
     GatedAttentionPooling,
     Pooled,
     attention_pool,
     masked_softmax,
-    pad_bags,
 )
 from milkit.models.regression import TileScoreRegressor
 
@@ -28,14 +28,15 @@ __all__ = [
     "LoRALinear",
     "apply_lora",
     "AttentionPooling",
-    "BagBatchError",
     "GatedAttentionPooling",
+    "MILModel",
+    "MILModelBase",
     "MILOutput",
+    "MultiTaskMILModel",
     "Pooled",
     "TileScoreRegressor",
     "attention_pool",
     "critical_instance_logits",
     "critical_instances",
     "masked_softmax",
-    "pad_bags",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from milkit.models.contract import MILModelBase
 from milkit.models.output import MILOutput
 from milkit.models.pooling import (
     AttentionPooling,
@@ -22,7 +23,7 @@ from milkit.models.pooling import (
 )
 
 
-class ABMIL(nn.Module):
+class ABMIL(MILModelBase):
     """Attention-MIL classifier over a padded batch of bags.
 
     Because attention sums to 1 over real tiles and the head is linear, the bag logits equal
@@ -68,12 +69,15 @@ class ABMIL(nn.Module):
         )
         self.head = nn.Linear(embed_dim, n_classes)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None
+    ) -> MILOutput:
         """Classify each bag.
 
         Args:
             features: ``(B, N, D)`` float tile features; padded rows may hold anything.
             mask: ``(B, N)`` bool, True for real tiles.
+            coords: ``(B, N, 2)`` level-0 tile corners; unused (the contract's argument).
 
         Returns:
             MILOutput with ``logits (B, C)``; ``attention (B, N)``, or ``(B, N, C)`` when

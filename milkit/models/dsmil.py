@@ -1,6 +1,6 @@
 """Dual-stream MIL (DSMIL; Li, Li & Eliceiri 2021), the aggregator milkit uses for Self-ViT-MIL.
 
-Two streams share the (optionally embedded) tiles h_i (papers.md B):
+Two streams share the (optionally embedded) tiles h_i (docs/papers.md B):
 
 - instance stream: a linear classifier gives tile logits ``c_i`` (B, N, C); the critical
   instance of class k is ``m_k = argmax_i c_ik`` over the bag's real tiles;
@@ -17,10 +17,12 @@ its prediction the mean of the two streams; losses live in ``milkit.training``).
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from milkit.models.contract import MILModelBase
 from milkit.models.output import MILOutput
 from milkit.models.pooling import (
     attention_pool,
@@ -67,13 +69,16 @@ def critical_instance_logits(tile_scores: torch.Tensor, mask: torch.Tensor) -> t
     return tile_scores.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
-class DSMIL(nn.Module):
+class DSMIL(MILModelBase):
     """Dual-stream MIL classifier over a padded batch of bags.
 
     Attention is ``(B, N, C)``: column k is the bag-stream attention ``U_·k`` around class k's
     critical instance (``(B, N)`` when C == 1). For a binary task with two logits, column 1 is
     the tumour (positive-class) map.
     """
+
+    #: Trained with half its loss on the critical instance (docs/papers.md B).
+    default_instance_loss_weight: ClassVar[float] = 0.5
 
     def __init__(
         self,
@@ -125,12 +130,15 @@ class DSMIL(nn.Module):
         self.bag_classifier = nn.Linear(n_classes * embed_dim, n_classes)
         self.query_scale = 1.0 / math.sqrt(query_dim)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None
+    ) -> MILOutput:
         """Classify each bag with the bag stream.
 
         Args:
             features: ``(B, N, D)`` float tile features; padded rows may hold anything.
             mask: ``(B, N)`` bool, True for real tiles.
+            coords: ``(B, N, 2)`` level-0 tile corners; unused (the contract's argument).
 
         Returns:
             MILOutput with ``logits (B, C)`` from the bag stream; ``attention (B, N, C)``

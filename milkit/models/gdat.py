@@ -1,4 +1,4 @@
-"""GDAT: the grouped double attention transformer of CoMEL (Lee et al., ICCV 2025; papers.md D.1).
+"""GDAT: the grouped double attention transformer of CoMEL (Lee et al., ICCV 2025; docs/papers.md D.1).
 
 Tiles are embedded (Linear -> ReLU -> Dropout), pass through pre-norm transformer blocks whose
 attention costs O(N·G·d) instead of O(N²·d), are pooled by gated attention, and one linear head
@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from milkit.errors import ConfigError
+from milkit.errors import BagBatchError, ConfigError
+from milkit.models.contract import MILModelBase
 from milkit.models.output import MILOutput
 from milkit.models.pooling import (
-    BagBatchError,
     GatedAttentionPooling,
     check_bags,
     check_dropout,
@@ -214,7 +214,7 @@ class GDATBlock(nn.Module):
         return tokens + self.mlp(self.norm2(tokens))
 
 
-class GDATMIL(nn.Module):
+class GDATMIL(MILModelBase):
     """CoMEL's bag classifier: embedding, GDAT blocks, gated attention pooling, one head per task.
 
     Class-incremental evaluation concatenates all heads' logits (``task=None``); task-incremental
@@ -223,6 +223,7 @@ class GDATMIL(nn.Module):
     layers and the first layer of the attention pooling (its tanh and gate branches), not the heads.
     """
 
+    supports_tasks: ClassVar[bool] = True
     lora_targets: ClassVar[tuple[str, ...]] = (
         "embed.0",
         "blocks.*.attn.qkv",

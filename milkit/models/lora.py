@@ -1,4 +1,4 @@
-"""LoRA with one adapter per task and OWLoRA's protections (CoMEL, papers.md D.3).
+"""LoRA with one adapter per task and OWLoRA's protections (CoMEL, docs/papers.md D.3).
 
 A :class:`LoRALinear` wraps a Linear ``y = W0 x + b`` and adds one low-rank adapter per task::
 

@@ -1,4 +1,4 @@
-"""What every MIL model returns (design.md §6)."""
+"""What every MIL model returns (docs/design.md §6)."""
 
 from __future__ import annotations
 

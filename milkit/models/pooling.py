@@ -2,7 +2,7 @@
 
 A batch of bags is ``features (B, N, D)`` with ``mask (B, N)`` (True = real tile, False =
 padding). Attention is a masked softmax over the tile axis, so padded positions get exactly
-zero weight and the weights over each bag's real tiles sum to 1 (design.md §6).
+zero weight and the weights over each bag's real tiles sum to 1 (docs/design.md §6).
 
 References: Ilse, Tomczak & Welling 2018, "Attention-based Deep Multiple Instance Learning"
 (plain attention ``softmax(wᵀ tanh(V h))`` and gated attention
@@ -17,15 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from milkit.errors import ConfigError, MilkitError
-
-
-class BagBatchError(MilkitError, ValueError):
-    """A padded batch of bags is malformed.
-
-    Raised when shapes disagree, the mask is not bool, or a bag has no real tile at all
-    (attention over an empty bag is undefined).
-    """
+from milkit.errors import BagBatchError, ConfigError
 
 
 class Pooled(NamedTuple):
@@ -156,30 +148,6 @@ def attention_pool(
     if weights.dim() == 2:
         return (weights.unsqueeze(1) @ clean).squeeze(1)
     return weights.transpose(1, 2) @ clean
-
-
-def pad_bags(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack bags of different lengths into one zero-padded batch.
-
-    Args:
-        bags: ``B`` tensors of shape ``(N_b, D)``, each with at least one tile.
-
-    Returns:
-        ``features (B, max N_b, D)`` and ``mask (B, max N_b)`` bool.
-
-    Raises:
-        BagBatchError: If there are no bags, a bag is empty, or the feature sizes differ.
-    """
-    if not bags:
-        raise BagBatchError("pad_bags needs at least one bag, got none.")
-    dims = {tuple(bag.shape[1:]) for bag in bags}
-    if len(dims) != 1 or any(bag.dim() != 2 or len(bag) == 0 for bag in bags):
-        shapes = [tuple(bag.shape) for bag in bags]
-        raise BagBatchError(f"bags must be non-empty (N_b, D) with one D, got shapes {shapes}.")
-    features = nn.utils.rnn.pad_sequence(list(bags), batch_first=True)
-    lengths = torch.tensor([len(bag) for bag in bags], device=features.device)
-    mask = torch.arange(features.shape[1], device=features.device) < lengths.unsqueeze(1)
-    return features, mask
 
 
 def instance_mlp(in_dim: int, hidden_dim: int | None, dropout: float) -> tuple[nn.Module, int]:

@@ -1,7 +1,7 @@
 """Tile-score regression from a slide-level value (WeakSTIL; Schirris et al. 2022).
 
 Every tile gets a score ``s_i = sigmoid(φ(h_i))`` in [0, 1] and the slide value is a weighted
-mean of the tile scores, ``ŷ = Σ_i a_i s_i``, also in [0, 1] (papers.md C). The weights are
+mean of the tile scores, ``ŷ = Σ_i a_i s_i``, also in [0, 1] (docs/papers.md C). The weights are
 uniform over the real tiles (``pooling="mean"``) or gated attention over the tile features
 (``pooling="attention"``, the later ECTIL form), which can learn to weight e.g. stroma when the
 target (sTIL%) is defined over one tissue type.
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from milkit.errors import ConfigError
+from milkit.models.contract import MILModelBase
 from milkit.models.output import MILOutput
 from milkit.models.pooling import (
     GatedAttentionPooling,
@@ -30,7 +31,7 @@ from milkit.models.pooling import (
 PoolingMode = Literal["mean", "attention"]
 
 
-class TileScoreRegressor(nn.Module):
+class TileScoreRegressor(MILModelBase):
     """Per-tile scores in [0, 1] pooled into one slide value in [0, 1]."""
 
     def __init__(
@@ -74,13 +75,16 @@ class TileScoreRegressor(nn.Module):
             else None
         )
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None
+    ) -> MILOutput:
         """Score every tile and pool the scores into a slide value.
 
         Args:
             features: ``(B, N, D)`` float tile features; padded rows may hold anything.
             mask: ``(B, N)`` bool, True for tiles to use (real tiles, optionally ANDed with a
                 tissue subset such as the tumour bed).
+            coords: ``(B, N, 2)`` level-0 tile corners; unused (the contract's argument).
 
         Returns:
             MILOutput with ``value (B,)`` in [0, 1]; ``tile_scores (B, N)`` in [0, 1], 0 on

@@ -49,6 +49,12 @@ from skimage.morphology import disk
 
 from milkit.errors import ConfigError, TilingError
 
+#: Tissue is detected at about this resolution (fine enough for tiles of 50 µm), on a thumbnail of
+#: at most this side, so memory stays bounded (~0.3 GB) however large the slide: a 20 x 15 mm
+#: section is then seen at ~10 µm/px, still a dozen mask pixels per 224 px tile at 0.5 µm/px.
+THUMBNAIL_MPP = 4.0
+THUMBNAIL_MAX_SIZE_PX = 2048
+
 #: Channels of the white reference darker than this mean no glass is visible; no balancing then.
 _MIN_WHITE_REFERENCE = 0.6
 #: Gaussian weight below which no tissue interior is near enough to give a pixel its level.

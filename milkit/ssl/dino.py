@@ -7,7 +7,7 @@ training itself (EMA, schedules, optimiser) is :class:`milkit.ssl.dino_module.DI
 
 Batches are ``list[Tensor]`` as made by `milkit.ssl.augment.MultiCropAugmentation`: 2 global
 crops ``(B, 3, G, G)`` then the local crops ``(B, 3, L, L)``. Defaults are DINO's ViT-S/16
-recipe (papers.md, section B).
+recipe (docs/papers.md, section B).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Student and teacher are :class:`milkit.ssl.dino.DINONetwork`; the teacher is an EMA of the
 student with a cosine momentum schedule; learning rate, weight decay and teacher temperature
-follow DINO's schedules (papers.md, section B). Batches are ``list[Tensor]`` from
+follow DINO's schedules (docs/papers.md, section B). Batches are ``list[Tensor]`` from
 `milkit.ssl.augment.MultiCropAugmentation`.
 """
 

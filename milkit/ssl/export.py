@@ -12,7 +12,6 @@ rebuilds the backbone with its weights; milkit needs no loader of its own. (With
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,6 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import milkit
+from milkit.atomic import atomic_write, write_text_atomic
 from milkit.errors import ConfigError, EncoderError
 from milkit.ssl.dino_module import DINOHParams, DINOModule
 
@@ -57,13 +57,6 @@ def _model_args(backbone: nn.Module) -> dict[str, Any]:
             dynamic_img_size=backbone.dynamic_img_size,
         )
     return args
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Write via ``write(tmp_path)`` then rename, so a crash never leaves a half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def export_backbone(
@@ -147,8 +140,7 @@ def export_backbone(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu().contiguous() for key, value in backbone.state_dict().items()}
-    _write_atomic(
-        out_dir / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})
-    )
-    _write_atomic(out_dir / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
+    with atomic_write(out_dir / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_text_atomic(out_dir / CONFIG_NAME, config_text)
     return out_dir

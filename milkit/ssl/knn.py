@@ -2,7 +2,7 @@
 
 `knn_predict` is DINO's weighted k-NN: cosine similarity to the training features, the ``k``
 nearest vote with weight ``exp(similarity / temperature)``. On tiles of known class (your own
-labelled tiles, or synthetic ones from :mod:`milkit.ssl.knn_cohort`), `knn_by_slide` scores an
+labelled tiles, or synthetic ones from :mod:`milkit.synth.knn_cohort`), `knn_by_slide` scores an
 encoder on slides held out from the labelled ones, `knn_random_init` its architecture at random
 initialisation (the baseline) and `knn_supervised_reference` the architecture trained with the
 labels (the ceiling).
@@ -130,12 +130,7 @@ def embed_tiles(
     options = ExtractionOptions(batch_size=batch_size, num_workers=0, precision="fp32")
     rows = []
     for slide in slides:
-        dataset = TileDataset(
-            slide.slide_path,
-            slide.coords_level0,
-            slide.tile_spec,
-            slide_mpp=slide.tile_spec.slide_mpp,
-        )
+        dataset = TileDataset(slide.slide_path, slide.coords_level0, slide.tile_spec)
         features = np.zeros((len(dataset), encoder.embed_dim), dtype=np.float32)
         for index, batch, _ in iterate_features(dataset, encoder, device=device, options=options):
             features[index] = batch
@@ -185,7 +180,7 @@ def knn_by_slide(
         encoder: The encoder to score.
         labelled: Per slide (at least 2): its labelled tiles and ``(n,)`` int labels in
             ``[0, C)``, e.g. tiles picked from `milkit.ssl.tiles.find_slide_tiles` with your
-            annotations, or `milkit.ssl.knn_cohort.synthetic_tile_labels` output.
+            annotations, or `milkit.synth.knn_cohort.synthetic_tile_labels` output.
         k: Neighbours that vote.
         seed: Seed of the class balancing.
 

@@ -20,9 +20,9 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
-from milkit.batch import find_slides
 from milkit.errors import ConfigError, FeatureFileError
-from milkit.features.formats import read_coords
+from milkit.features.tile_file import read_coords
+from milkit.slides.folder import find_slides
 from milkit.slides.reader import SlideReader, open_slide, slide_id_from_path
 from milkit.slides.tiling import TileSpec, read_tile
 

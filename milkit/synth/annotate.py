@@ -13,16 +13,16 @@ training code that scores localisation (tile AUROC, Dice) finds it without knowi
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from milkit.atomic import atomic_write
 from milkit.errors import FeatureFileError
-from milkit.features.formats import read_coords
-from milkit.features.store import file_status
+from milkit.features.h5 import file_status
+from milkit.features.tile_file import read_coords
 from milkit.synth.truth import load_truth, tile_truth
 
 TRUTH_DATASETS = ("tile_labels", "tile_tumor_fraction", "tile_til_density", "tile_class")
@@ -58,19 +58,13 @@ def annotate_feature_files(
             "tile_til_density": truth.til_density.astype(np.float32),
             "tile_class": truth.majority_class.astype(np.uint8),
         }
-        tmp = path.with_name(path.name + ".annotate.tmp")
-        shutil.copyfile(path, tmp)
-        try:
+        with atomic_write(path) as tmp:
+            shutil.copyfile(path, tmp)
             with h5py.File(tmp, "a") as file:
                 for name, array in values.items():
                     if name in file:
                         del file[name]
                     file.create_dataset(name, data=array)
-            with tmp.open("rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         annotated.append(path)
     return annotated
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from milkit.atomic import atomic_write
 from milkit.errors import ConfigError
 from milkit.synth.layout import GRID_UM, ONE_LAB_STAIN_SPREAD, SlideParams, build_layout
 from milkit.synth.organs import ORGANS, get_organ
@@ -294,8 +295,7 @@ def make_cohort(
 
 def _write_labels(path: Path, plan: list[CohortSlide], truth_paths: list[Path]) -> Path:
     """``labels.csv`` with scores measured on the saved truth maps."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_write(path, durable=False) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(LABEL_COLUMNS)
         for slide, truth_path in zip(plan, truth_paths, strict=True):
@@ -310,5 +310,4 @@ def _write_labels(path: Path, plan: list[CohortSlide], truth_paths: list[Path]) 
                     slide.params.task,
                 ]
             )
-    tmp.replace(path)
     return path

@@ -10,7 +10,6 @@ OpenSlide reports ``openslide.mpp-x``; TIFF resolution tags (centimetres) say th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from milkit.atomic import atomic_write
 from milkit.errors import ConfigError
 
 #: Downsample between consecutive pyramid levels.
@@ -136,28 +136,23 @@ def write_pyramid(
     }
     # classic TIFF offsets end at 4 GiB; BigTIFF well before compressed data could get there
     bigtiff = width * height * 3 > 2**31
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+    with atomic_write(path, durable=False) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+        tif.write(
+            level0_tiles(),
+            shape=(height, width, 3),
+            description=_aperio_description(dimensions, mpp, tile_px, quality),
+            resolution=(1e4 / mpp, 1e4 / mpp),
+            **options,
+        )
+        image = lower
+        for level, (level_w, level_h) in enumerate(levels[1:], start=1):
+            level_mpp = mpp * LEVEL_FACTOR**level
             tif.write(
-                level0_tiles(),
-                shape=(height, width, 3),
-                description=_aperio_description(dimensions, mpp, tile_px, quality),
-                resolution=(1e4 / mpp, 1e4 / mpp),
+                array_tiles(image),
+                shape=(level_h, level_w, 3),
+                subfiletype=1,
+                resolution=(1e4 / level_mpp, 1e4 / level_mpp),
                 **options,
             )
-            image = lower
-            for level, (level_w, level_h) in enumerate(levels[1:], start=1):
-                level_mpp = mpp * LEVEL_FACTOR**level
-                tif.write(
-                    array_tiles(image),
-                    shape=(level_h, level_w, 3),
-                    subfiletype=1,
-                    resolution=(1e4 / level_mpp, 1e4 / level_mpp),
-                    **options,
-                )
-                image = _downsample(image)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            image = _downsample(image)
     return levels

@@ -14,7 +14,6 @@ Both carry attrs ``downsample`` (level-0 px per map px), ``mpp`` (µm per map px
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from milkit.errors import MilkitError
+from milkit.atomic import atomic_write
+from milkit.errors import TruthFileError
 
 CLASS_NAMES = ("background", "stroma", "tumor", "lymphocyte_aggregate", "artefact")
 BACKGROUND, STROMA, TUMOR, AGGREGATE, ARTEFACT = range(len(CLASS_NAMES))
@@ -30,10 +30,6 @@ BACKGROUND, STROMA, TUMOR, AGGREGATE, ARTEFACT = range(len(CLASS_NAMES))
 TISSUE_CLASSES = (STROMA, TUMOR, AGGREGATE)
 #: Classes over which stromal TIL density is averaged.
 STROMA_CLASSES = (STROMA, AGGREGATE)
-
-
-class TruthFileError(MilkitError):
-    """A ground-truth file is missing or malformed."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,22 +71,15 @@ def save_truth(truth: SlideTruth, path: str | Path) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as h5:
-            for name, data in (("class_map", truth.class_map), ("til_density", truth.til_density)):
-                dataset = h5.create_dataset(name, data=data, compression="gzip", shuffle=True)
-                dataset.attrs["downsample"] = float(truth.downsample)
-                dataset.attrs["mpp"] = float(truth.mpp)
-                dataset.attrs["classes"] = json.dumps(list(truth.classes))
-            for key, value in truth.attrs.items():
-                h5.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as h5:
+        for name, data in (("class_map", truth.class_map), ("til_density", truth.til_density)):
+            dataset = h5.create_dataset(name, data=data, compression="gzip", shuffle=True)
+            dataset.attrs["downsample"] = float(truth.downsample)
+            dataset.attrs["mpp"] = float(truth.mpp)
+            dataset.attrs["classes"] = json.dumps(list(truth.classes))
+        for key, value in truth.attrs.items():
+            h5.attrs[key] = value
+    return Path(path)
 
 
 def load_truth(path: str | Path) -> SlideTruth:

@@ -8,7 +8,7 @@ do the class names, feature size and encoder id the checkpoint records. Every su
 ``--model configs/model/abmil.yaml``. ``predict`` always writes prediction files: a
 :class:`PredictionWriter` to ``--trainer.default_root_dir`` is added when the trainer
 configures none. ``--weights_only`` left unset loads checkpoints the way torch >= 2.6 does by
-default, ``weights_only=True`` (design.md §8); milkit's checkpoints hold plain data only.
+default, ``weights_only=True`` (docs/design.md §8); milkit's checkpoints hold plain data only.
 
 Examples::
 

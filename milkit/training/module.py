@@ -1,10 +1,10 @@
 """``MILModule``: the LightningModule that trains any MIL model of :mod:`milkit.models`.
 
 The model is a plain ``nn.Module`` (chosen by ``class_path`` in YAML); this module owns the
-loss, the metrics, the optimiser and what a checkpoint records about itself (design.md §2).
+loss, the metrics, the optimiser and what a checkpoint records about itself (docs/design.md §2).
 
 Losses: classification is cross-entropy on the bag logits (optionally class-weighted). With an
-instance-loss weight w > 0 (DSMIL's default is 0.5; papers.md B) it is
+instance-loss weight w > 0 (DSMIL's default is 0.5; docs/papers.md B) it is
 ``(1 - w)·CE(bag) + w·CE(c_m)``, where ``c_m`` are the critical instance's logits, and the
 predicted probabilities mix the two streams the same way. Regression is MSE between the
 model's value in [0, 1] and ``target / target_scale``; predictions are reported in target units.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,40 +29,14 @@ import milkit
 from milkit.data.bags import BagBatch
 from milkit.data.labels import TaskType
 from milkit.errors import ConfigError
-from milkit.models.dsmil import DSMIL, critical_instance_logits
+from milkit.models.contract import require_mil_model
+from milkit.models.dsmil import critical_instance_logits
 from milkit.models.output import MILOutput
 from milkit.training.metrics import classification_metrics, regression_metrics
+from milkit.training.prediction_file import SlidePrediction
 
 #: Key of the self-description a checkpoint carries besides Lightning's own entries.
 CHECKPOINT_KEY = "milkit"
-
-
-@dataclass
-class SlidePrediction:
-    """What ``predict`` yields for one slide (padding removed).
-
-    Attributes:
-        slide_id: The slide.
-        slide_path: The slide file, when the feature file records it.
-        feature_path: The feature file the tiles came from.
-        coords: ``(n, 2)`` int64 level-0 ``(x, y)`` of the tiles.
-        attention: ``(n,)`` or ``(n, H)`` attention over the tiles.
-        tile_scores: ``(n,)`` or ``(n, C)`` the model's tile scores (instance logits, or tile
-            values in [0, 1] for regression), or None.
-        probabilities: ``(C,)`` class probabilities (classification), else None.
-        prediction: Predicted class name, or predicted value in target units.
-        target: True class name or value, when known.
-    """
-
-    slide_id: str
-    slide_path: str | None
-    feature_path: str
-    coords: np.ndarray
-    attention: np.ndarray
-    tile_scores: np.ndarray | None
-    probabilities: np.ndarray | None
-    prediction: str | float
-    target: str | float | None
 
 
 class MILModule(pl.LightningModule):
@@ -88,8 +61,9 @@ class MILModule(pl.LightningModule):
         """Wrap a model.
 
         Args:
-            model: A MIL model taking ``features (B, N, D)`` and ``mask (B, N)`` and returning
-                a :class:`~milkit.models.output.MILOutput`. Its ``in_dim`` (and ``n_classes``)
+            model: A MIL model following :mod:`milkit.models.contract`: called with
+                ``features (B, N, D)``, ``mask (B, N)`` and ``coords (B, N, 2)``, it returns a
+                :class:`~milkit.models.output.MILOutput`. Its ``in_dim`` (and ``n_classes``)
                 are filled in from the data by ``milkit fit``.
             task: ``"classification"`` (``logits``) or ``"regression"`` (``value``).
             class_names: Class names in index order (from the data); default ``"0"``,
@@ -101,15 +75,16 @@ class MILModule(pl.LightningModule):
             target_scale: Regression targets are learnt as ``target / target_scale``.
             target_units: Units of the regression target, e.g. ``"% TILs"`` (recorded in
                 checkpoints and prediction files, shown on heatmaps).
-            instance_loss_weight: Weight w of the critical-instance loss; None for 0.5 with
-                DSMIL and 0 otherwise.
+            instance_loss_weight: Weight w of the critical-instance loss; None for the model's
+                ``default_instance_loss_weight`` (0.5 for DSMIL, 0 otherwise).
             regression_cutoff: Target threshold of the high-vs-low AUROC (regression).
             optimizer: Optimiser factory (``class_path`` + ``init_args`` in YAML).
             lr_scheduler: Learning-rate scheduler factory, or None.
             scheduler_monitor: Metric a ``ReduceLROnPlateau`` scheduler watches.
 
         Raises:
-            ConfigError: Unknown task, or class names that cannot be determined.
+            ConfigError: Unknown task, a model outside the contract, or class names that
+                cannot be determined.
         """
         super().__init__()
         with warnings.catch_warnings():
@@ -119,6 +94,7 @@ class MILModule(pl.LightningModule):
             self.save_hyperparameters()
         if task not in ("classification", "regression"):
             raise ConfigError(f"task must be classification or regression, got {task!r}.")
+        contract = require_mil_model(model)
         self.model = model
         self.task = task
         self.feature_dim = feature_dim
@@ -130,7 +106,7 @@ class MILModule(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.scheduler_monitor = scheduler_monitor
         if instance_loss_weight is None:
-            instance_loss_weight = 0.5 if isinstance(model, DSMIL) else 0.0
+            instance_loss_weight = contract.default_instance_loss_weight
         if not 0.0 <= instance_loss_weight <= 1.0:
             raise ConfigError(
                 f"instance_loss_weight must be in [0, 1], got {instance_loss_weight}."
@@ -152,17 +128,21 @@ class MILModule(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None
+    ) -> MILOutput:
         """Run the model.
 
         Args:
             features: ``(B, N, D)`` tile features of any float type (cast to float32 here).
             mask: ``(B, N)`` bool, True for real tiles.
+            coords: ``(B, N, 2)`` int64 level-0 ``(x, y)`` of the tiles (spatial models such as
+                GDAT group tiles by them).
 
         Returns:
             The model's output.
         """
-        return self.model(features.float(), mask)
+        return self.model(features.float(), mask, coords)
 
     def predictions(self, output: MILOutput, mask: torch.Tensor) -> torch.Tensor:
         """Slide predictions from a model output.
@@ -214,7 +194,7 @@ class MILModule(pl.LightningModule):
 
     def training_step(self, batch: BagBatch, batch_idx: int) -> torch.Tensor:
         """Loss of one batch, logged as ``train/loss``."""
-        output = self(batch.features, batch.mask)
+        output = self(batch.features, batch.mask, batch.coords)
         loss = self.loss(output, batch.mask, batch_targets(batch))
         self.log("train/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch))
         return loss
@@ -235,7 +215,7 @@ class MILModule(pl.LightningModule):
 
     def predict_step(self, batch: BagBatch, batch_idx: int) -> list[SlidePrediction]:
         """Per-slide predictions with attention and tile scores, padding removed."""
-        output = self(batch.features, batch.mask)
+        output = self(batch.features, batch.mask, batch.coords)
         predicted = self.predictions(output, batch.mask).float().cpu().numpy()
         results = []
         for b, slide_id in enumerate(batch.slide_ids):
@@ -317,7 +297,7 @@ class MILModule(pl.LightningModule):
         return regression_metrics(prefix, self.regression_cutoff, self.target_scale)
 
     def _evaluate(self, batch: BagBatch, metrics: MetricCollection, loss_mean: MeanMetric) -> None:
-        output = self(batch.features, batch.mask)
+        output = self(batch.features, batch.mask, batch.coords)
         targets = batch_targets(batch)
         loss = self.loss(output, batch.mask, targets)
         loss_mean.update(loss.detach(), weight=len(batch))

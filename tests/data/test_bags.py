@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from milkit.data.bags import BagDataset, BagItem, collate_bags, probe_bag
-from milkit.errors import FeatureFileError
-from milkit.features.store import TileFileWriter
+from milkit.data.bags import BagDataset, BagItem, collate_bags, pad_bags, probe_bag
+from milkit.errors import BagBatchError, FeatureFileError
+from milkit.features.tile_file import TileFileWriter
 from milkit.slides.tiling import TileSpec
 
 
@@ -130,3 +130,20 @@ def test_collate_single_bag_mixed_dtypes_and_missing_targets() -> None:
     mixed = collate_bags([_item(2, dtype=torch.float16), _item(3, target=0.5)])
     assert mixed.features.dtype == torch.float32 and mixed.targets.dtype == torch.float32
     assert collate_bags([_item(2, target=None), _item(3)]).targets is None
+
+
+def test_pad_bags_builds_mask_from_lengths() -> None:
+    bags = [torch.ones(2, 3), 2 * torch.ones(4, 3)]
+    features, mask = pad_bags(bags)
+    assert features.shape == (2, 4, 3)
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
+    assert torch.all(features[0, 2:] == 0) and torch.all(features[1] == 2)
+
+
+def test_pad_bags_rejects_empty_and_mismatched_bags() -> None:
+    with pytest.raises(BagBatchError, match="at least one bag"):
+        pad_bags([])
+    with pytest.raises(BagBatchError, match=r"\(0, 3\)"):
+        pad_bags([torch.ones(2, 3), torch.ones(0, 3)])
+    with pytest.raises(BagBatchError, match=r"\(2, 4\)"):
+        pad_bags([torch.ones(2, 3), torch.ones(2, 4)])

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from milkit.data.datamodule import MILDataModule, _UnrepeatedSampler
-from milkit.data.synthetic import write_witness_cohort
 from milkit.errors import ConfigError, LabelsError
+from milkit.synth.features import write_witness_cohort
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from milkit.errors import ConfigError
-from milkit.models import ABMIL, BagBatchError, pad_bags
+from milkit.data.bags import pad_bags
+from milkit.errors import BagBatchError, ConfigError
+from milkit.models import ABMIL
 
 LENGTHS = [6, 11, 1, 3]
 DIM = 8

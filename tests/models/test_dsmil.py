@@ -7,13 +7,9 @@ import math
 import pytest
 import torch
 
-from milkit.models import (
-    DSMIL,
-    BagBatchError,
-    critical_instance_logits,
-    critical_instances,
-    pad_bags,
-)
+from milkit.data.bags import pad_bags
+from milkit.errors import BagBatchError
+from milkit.models import DSMIL, critical_instance_logits, critical_instances
 
 LENGTHS = [6, 11, 1, 3]
 DIM = 8

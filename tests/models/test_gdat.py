@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from milkit.errors import ConfigError
+from milkit.errors import BagBatchError, ConfigError
 from milkit.models.gdat import GDATMIL, group_means, order_groups, spatial_groups
-from milkit.models.pooling import BagBatchError
 
 DIM = 8
 TILE_PX = 256

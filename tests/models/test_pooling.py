@@ -1,18 +1,17 @@
-"""Masked softmax, attention pooling and bag padding (milkit.models.pooling)."""
+"""Masked softmax and attention pooling (milkit.models.pooling)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from milkit.errors import ConfigError, MilkitError
+from milkit.data.bags import pad_bags
+from milkit.errors import BagBatchError, ConfigError, MilkitError
 from milkit.models.pooling import (
     AttentionPooling,
-    BagBatchError,
     GatedAttentionPooling,
     attention_pool,
     masked_softmax,
-    pad_bags,
 )
 
 LENGTHS = [5, 9, 1, 4]
@@ -132,23 +131,6 @@ def test_pooling_under_bf16_autocast_stays_normalised() -> None:
     assert torch.allclose(attention.sum(dim=1), torch.ones(len(bags)), atol=1e-3)
     assert torch.allclose(attention, reference.attention, atol=2e-2)
     assert torch.allclose(embedding.float(), reference.embedding, atol=5e-2, rtol=5e-2)
-
-
-def test_pad_bags_builds_mask_from_lengths() -> None:
-    bags = [torch.ones(2, 3), 2 * torch.ones(4, 3)]
-    features, mask = pad_bags(bags)
-    assert features.shape == (2, 4, 3)
-    assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
-    assert torch.all(features[0, 2:] == 0) and torch.all(features[1] == 2)
-
-
-def test_pad_bags_rejects_empty_and_mismatched_bags() -> None:
-    with pytest.raises(BagBatchError, match="at least one bag"):
-        pad_bags([])
-    with pytest.raises(BagBatchError, match=r"\(0, 3\)"):
-        pad_bags([torch.ones(2, 3), torch.ones(0, 3)])
-    with pytest.raises(BagBatchError, match=r"\(2, 4\)"):
-        pad_bags([torch.ones(2, 3), torch.ones(2, 4)])
 
 
 def test_bad_constructor_values_raise_config_errors() -> None:

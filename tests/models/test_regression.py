@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from milkit.errors import ConfigError
-from milkit.models import BagBatchError, TileScoreRegressor, pad_bags
+from milkit.data.bags import pad_bags
+from milkit.errors import BagBatchError, ConfigError
+from milkit.models import TileScoreRegressor
 
 LENGTHS = [6, 11, 1, 3]
 DIM = 8
@@ -104,7 +105,7 @@ def test_unknown_pooling_raises_config_error() -> None:
 
 
 def test_attention_pooling_learns_to_weight_the_informative_tiles() -> None:
-    """Slide value = mean tile target over 'stroma' tiles only (papers.md C's pitfall)."""
+    """Slide value = mean tile target over 'stroma' tiles only (docs/papers.md C's pitfall)."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     n_bags, n_tiles = 48, 20

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from milkit.slides.tile_stage import TilingOptions, tile_slide
+from milkit.pipeline.tile import TilingOptions, tile_slide
 from milkit.synth import load_truth, make_cohort, tissue_mask
 
 #: 1600 µm square at 0.5 µm/px: the 4 µm/px thumbnail (400 px) is exactly twice the 8 µm/px

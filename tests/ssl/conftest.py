@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from milkit.slides.tile_stage import TilingOptions, tile_slide
+from milkit.pipeline.tile import TilingOptions, tile_slide
 from milkit.synth import SlideParams, write_slide
 
 #: Tile side of the ``cohort`` fixture, in pixels at 1 µm/px.

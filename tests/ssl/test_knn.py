@@ -13,7 +13,7 @@ import torch
 
 from milkit.errors import ConfigError
 from milkit.features.encoders import load_encoder
-from milkit.slides.tile_stage import TilingOptions, tile_slide
+from milkit.pipeline.tile import TilingOptions, tile_slide
 from milkit.slides.tiling import TileSpec
 from milkit.ssl import pretrain
 from milkit.ssl.export import export_backbone
@@ -24,9 +24,9 @@ from milkit.ssl.knn import (
     knn_random_init,
     knn_supervised_reference,
 )
-from milkit.ssl.knn_cohort import KNN_CLASSES, make_knn_cohort, synthetic_tile_labels
 from milkit.ssl.tiles import SlideTiles
 from milkit.synth import SlideParams, load_truth, tile_truth, write_slide
+from milkit.synth.knn_cohort import KNN_CLASSES, make_knn_cohort, synthetic_tile_labels
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ssl"
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from milkit.features.encoders import load_encoder
-from milkit.slides.tile_stage import TilingOptions, tile_slide
+from milkit.pipeline.tile import TilingOptions, tile_slide
 from milkit.ssl import pretrain
 from milkit.ssl.augment import ViewAugmentation
 from milkit.ssl.data import TileDataModule

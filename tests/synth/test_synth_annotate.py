@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from milkit.features.formats import read_bag
-from milkit.features.store import TileFileWriter, file_status
+from milkit.features.h5 import file_status
+from milkit.features.tile_file import TileFileWriter, read_bag
 from milkit.slides.tiling import TileSpec
 from milkit.synth import SlideParams, load_truth, tile_truth, write_slide
 from milkit.synth.annotate import annotate_feature_files, auroc, read_tile_truth

@@ -9,10 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
+from milkit.errors import TruthFileError
 from milkit.synth import (
     CLASS_NAMES,
     SlideTruth,
-    TruthFileError,
     load_truth,
     tile_truth,
     tissue_mask,

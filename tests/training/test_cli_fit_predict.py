@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from milkit.data.synthetic import WitnessCohort, write_witness_cohort
-from milkit.features.formats import read_bag
-from milkit.models import ABMIL, DSMIL
+from milkit.features.tile_file import read_bag
+from milkit.models import ABMIL, DSMIL, gdat
+from milkit.models.gdat import spatial_groups
+from milkit.synth.features import WitnessCohort, write_witness_cohort
 from milkit.training.cli import build_cli, run_lightning
 from milkit.training.module import MILModule
 
@@ -63,6 +64,37 @@ def test_fast_dev_run_trains_each_model_config(
     assert cli.model.class_names == ["negative", "positive"] and cli.model.feature_dim == 8
     if gated is not None:
         assert hasattr(network.pooling, "gate_proj") is gated
+
+
+def test_fit_passes_tile_coordinates_to_a_spatial_model(
+    cohort: WitnessCohort, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GDAT groups tiles by their coordinates: ``milkit fit`` must hand them to the model."""
+    seen: list[torch.Tensor] = []
+
+    def spy(coords: torch.Tensor, mask: torch.Tensor, grid_side: int) -> torch.Tensor:
+        seen.append(coords[mask])
+        return spatial_groups(coords, mask, grid_side)
+
+    monkeypatch.setattr(gdat, "spatial_groups", spy)
+    options = _options(cohort, tmp_path, "abmil")
+    options += [
+        "--model.model", "milkit.models.GDATMIL",
+        "--model.model.init_args.embed_dim", "8",
+        "--model.model.init_args.n_heads", "2",
+        "--model.model.init_args.n_groups", "4",
+        "--model.model.init_args.attention_dim", "4",
+        "--trainer.fast_dev_run", "1",
+    ]  # fmt: skip
+    cli = build_cli(["fit", *options])
+    assert isinstance(cli.model.model, gdat.GDATMIL)
+    assert seen, "GDATMIL was never given the tiles' coordinates"
+    stored = {
+        tuple(row)
+        for path in cohort.features_dir.glob("*.h5")
+        for row in read_bag(path).coords.tolist()
+    }
+    assert {tuple(row) for batch in seen for row in batch.tolist()} <= stored
 
 
 def test_checkpoint_round_trips_through_predict(cohort: WitnessCohort, tmp_path: Path) -> None:

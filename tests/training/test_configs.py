@@ -22,7 +22,7 @@ import yaml
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 LOADERS = {"model": "--model", "data": "--data", "trainer": "--trainer", "experiments": "--config"}
 OTHER_COMMANDS = {
-    "continual": "milkit.training.continual:main",  # milkit continual
+    "continual": "milkit.training.continual.run:main",  # milkit continual
     "ssl": "milkit.ssl.pretrain:main",  # milkit pretrain
 }
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from milkit.data.synthetic import WitnessCohort, write_witness_cohort
+from milkit.synth.features import WitnessCohort, write_witness_cohort
 from milkit.training.cv import format_table, main, summarize
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from milkit.data.datamodule import MILDataModule
-from milkit.data.synthetic import write_witness_cohort
+from milkit.synth.features import write_witness_cohort
 from milkit.training.cli import build_cli
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

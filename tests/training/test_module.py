@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from milkit.errors import ConfigError
-from milkit.models import ABMIL, DSMIL, MILOutput, TileScoreRegressor, critical_instance_logits
+from milkit.models import (
+    ABMIL,
+    DSMIL,
+    MILModelBase,
+    MILOutput,
+    TileScoreRegressor,
+    critical_instance_logits,
+)
 from milkit.training.metrics import classification_metrics, regression_metrics
 from milkit.training.module import CHECKPOINT_KEY, MILModule
 
@@ -73,12 +80,29 @@ def test_regression_learns_the_scaled_target_and_predicts_in_units() -> None:
 def test_class_names_default_to_indices_and_unknown_n_classes_fails() -> None:
     assert MILModule(ABMIL(4, 3)).class_names == ["0", "1", "2"]
 
-    class NoClasses(nn.Module):
-        def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+    class NoClasses(MILModelBase):
+        def forward(
+            self, features: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None
+        ) -> MILOutput:
             raise NotImplementedError
 
     with pytest.raises(ConfigError, match="give class_names: NoClasses has no n_classes"):
         MILModule(NoClasses())
+
+
+def test_a_model_outside_the_contract_is_refused_with_the_fix() -> None:
+    class Plain(nn.Module):
+        def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+            raise NotImplementedError
+
+    with pytest.raises(ConfigError, match="Plain does not follow.*derive it from .*MILModelBase"):
+        MILModule(Plain(), class_names=["a", "b"])
+
+
+def test_the_instance_loss_weight_defaults_to_the_models_own() -> None:
+    assert MILModule(DSMIL(4, 2)).instance_loss_weight == 0.5
+    assert MILModule(ABMIL(4, 2)).instance_loss_weight == 0.0
+    assert MILModule(DSMIL(4, 2), instance_loss_weight=0.2).instance_loss_weight == 0.2
     with pytest.raises(ConfigError, match="instance_loss_weight"):
         MILModule(ABMIL(4, 2), instance_loss_weight=2.0)
 

@@ -22,8 +22,8 @@ from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 
 from milkit.data.datamodule import MILDataModule
-from milkit.data.synthetic import WitnessCohort, write_witness_cohort
 from milkit.models import ABMIL, DSMIL
+from milkit.synth.features import WitnessCohort, write_witness_cohort
 from milkit.training.cv import main as cv_main
 from milkit.training.module import MILModule
 

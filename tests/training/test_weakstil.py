@@ -26,11 +26,11 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from scipy.stats import spearmanr
 
 from milkit.data.datamodule import MILDataModule
-from milkit.heatmaps.predictions import read_predictions
 from milkit.models import TileScoreRegressor
 from milkit.training.cli import run_lightning
 from milkit.training.cv import main as cv_main
 from milkit.training.module import MILModule, SlidePrediction
+from milkit.training.prediction_file import read_predictions
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TUMOUR, STROMA, OTHER = 0, 1, 2

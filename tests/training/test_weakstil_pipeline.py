@@ -12,8 +12,8 @@ from types import ModuleType
 
 import pytest
 
-from milkit.heatmaps.predictions import read_predictions
 from milkit.synth import make_cohort
+from milkit.training.prediction_file import read_predictions
 
 PIPELINE = Path(__file__).resolve().parents[2] / "pipelines" / "weakstil.py"
 

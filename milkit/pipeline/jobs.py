@@ -1,0 +1,112 @@
+"""The slides ``milkit preprocess`` still has to extract, and the extraction of one of them.
+
+Shared by the single-process run (:mod:`milkit.pipeline.preprocess`) and the Lightning one
+(:mod:`milkit.pipeline.distributed`). A job carries its slide's coordinates, read once, and the
+hash its feature file must have; the slide's resolution is the one its tile spec records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from milkit.features.encoders import Encoder
+from milkit.features.extract import ExtractionOptions, extract_slide
+from milkit.features.h5 import config_hash, file_status
+from milkit.features.tile_file import TileCoords, read_coords
+from milkit.pipeline.tile import coords_path
+from milkit.slides.reader import slide_id_from_path
+
+
+def features_path(out_dir: Path, slide_id: str) -> Path:
+    """Where the feature file of ``slide_id`` lives under a preprocess output folder."""
+    return out_dir / "features" / f"{slide_id}.h5"
+
+
+def features_hash(encoder: Encoder, tile_spec_json: str, options: ExtractionOptions) -> str:
+    """Hash of everything that changes a slide's feature values."""
+    return config_hash(
+        {"encoder": encoder.describe(), "tile_spec": tile_spec_json, "dtype": options.dtype}
+    )
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to extract.
+
+    Attributes:
+        slide_path: The slide.
+        slide_id: Its id (the files' stem).
+        coords: Its coordinate file, read.
+        out_path: The feature file to write.
+        config_hash: The :func:`features_hash` the feature file gets.
+    """
+
+    slide_path: str
+    slide_id: str
+    coords: TileCoords
+    out_path: str
+    config_hash: str
+
+
+def pending_jobs(
+    slides: Sequence[Path], out_dir: Path, encoder: Encoder, options: ExtractionOptions
+) -> tuple[list[SlideJob], list[tuple[str, int]]]:
+    """Split tiled slides into those still to extract and those already finished.
+
+    Slides without a finished coordinate file (tiling failed) and slides without tissue are left
+    out: the tiling stage has already recorded them.
+
+    Returns:
+        ``(jobs, finished)`` where ``finished`` holds ``(slide_id, n_tiles)`` of skipped slides.
+    """
+    jobs, finished = [], []
+    for slide in slides:
+        slide_id = slide_id_from_path(slide)
+        coords_file = coords_path(out_dir, slide_id)
+        if file_status(coords_file) != "complete":
+            continue
+        coords = read_coords(coords_file)
+        if len(coords.coords) == 0:
+            continue
+        target = features_path(out_dir, slide_id)
+        expected = features_hash(encoder, coords.attrs["tile_spec"], options)
+        if file_status(target, config_hash=expected) == "complete":
+            finished.append((slide_id, len(coords.coords)))
+            continue
+        jobs.append(
+            SlideJob(
+                slide_path=str(slide),
+                slide_id=slide_id,
+                coords=coords,
+                out_path=str(target),
+                config_hash=expected,
+            )
+        )
+    return jobs, finished
+
+
+def run_job(
+    job: SlideJob,
+    encoder: Encoder,
+    options: ExtractionOptions,
+    *,
+    device: torch.device,
+    progress: Callable[[int], Any] | None = None,
+) -> tuple[int, int]:
+    """Extract one slide; returns ``(n_tiles, n_skipped_tiles)``."""
+    result = extract_slide(
+        job.slide_path,
+        job.coords,
+        job.out_path,
+        encoder,
+        config_hash=job.config_hash,
+        device=device,
+        options=options,
+        progress=progress,
+    )
+    return result.n_tiles, result.n_skipped

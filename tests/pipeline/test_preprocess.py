@@ -1,0 +1,191 @@
+"""`milkit preprocess`: features equal the model's, resume, staleness, multi-process, bad input."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from milkit.cli import main
+from milkit.errors import EncoderError
+from milkit.features.encoders import Encoder, load_encoder
+from milkit.features.extract import ExtractionOptions
+from milkit.features.h5 import file_status
+from milkit.features.tile_file import read_bag, read_coords
+from milkit.pipeline.jobs import features_path
+from milkit.pipeline.preprocess import run_preprocess
+from milkit.pipeline.tile import TilingOptions
+from milkit.slides.reader import open_slide
+from milkit.slides.tiling import read_tile
+from milkit.synth import SlideParams, write_slide
+
+TILING = TilingOptions(target_mpp=1.0, tile_size_px=96)
+OPTIONS = ExtractionOptions(batch_size=16, num_workers=0, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("slides")
+    for index in range(3):
+        write_slide(
+            folder / f"s{index}.svs",
+            SlideParams(seed=20 + index, artefacts=False),
+            size_px=(2000, 2000),
+        )
+    return folder
+
+
+def tiny_encoder(seed: int = 0) -> Encoder:
+    torch.manual_seed(seed)
+    return load_encoder("test_vit", pretrained=False)
+
+
+def preprocess(slides: Path, out: Path, encoder: Encoder, **kwargs) -> tuple:
+    return run_preprocess(
+        sorted(slides.glob("*.svs")), out, encoder, tiling=kwargs.pop("tiling", TILING),
+        extraction=kwargs.pop("extraction", OPTIONS), show_progress=False, **kwargs,
+    )  # fmt: skip
+
+
+def cls_mean_encoder() -> Encoder:
+    """test_vit's network read out as Virchow2 is: class token ++ mean of the patch tokens."""
+    base = tiny_encoder()
+    return Encoder(
+        base.model, name="test_vit_cls_mean", architecture=base.architecture,
+        input_size=base.input_size, mean=base.mean, std=base.std,
+        interpolation=base.interpolation, pooling="cls+mean", pretrained=False,
+    )  # fmt: skip
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make_encoder", [tiny_encoder, cls_mean_encoder])
+def test_pipeline_features_equal_the_model_on_hand_read_tiles(
+    slides: Path, tmp_path: Path, make_encoder, device: str
+) -> None:
+    encoder = make_encoder()
+    _, summary, _ = preprocess(slides, tmp_path, encoder, device=torch.device(device))
+    assert summary.outcomes["done"] == 3
+    bag = read_bag(features_path(tmp_path, "s1"))
+    spec = read_coords(tmp_path / "coords" / "s1.h5").tile_spec
+    assert bag.features.shape == (len(bag.coords), encoder.embed_dim)
+    with open_slide(slides / "s1.svs") as reader:
+        tiles = np.stack([read_tile(reader, spec, tuple(xy)) for xy in bag.coords[:40]])
+    with torch.inference_mode():
+        encoder.cpu().eval()
+        expected = encoder(encoder.preprocess(torch.from_numpy(tiles))).numpy()
+    tolerance = 2e-3 if device == "cpu" else 1e-2  # float16 storage; GPU: TF32 convolution
+    np.testing.assert_allclose(bag.features[:40], expected, rtol=tolerance, atol=tolerance)
+    assert bag.attrs["encoder"] == encoder.name and bag.attrs["encoder_dim"] == encoder.embed_dim
+    assert '"pretrained": false' in bag.attrs["encoder_config"]  # random weights are on record
+
+
+def test_interrupted_extraction_resumes_and_stale_files_are_redone(
+    slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoder = tiny_encoder()
+    forward = encoder.model.forward
+    calls = {"n": 0}
+
+    def crash_on_the_second_slide(x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 7:  # well into the second slide (each slide has more than 6 batches)
+            raise KeyboardInterrupt
+        return forward(x)
+
+    monkeypatch.setattr(encoder.model, "forward", crash_on_the_second_slide)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(slides, tmp_path, encoder)
+    statuses = {p.stem: file_status(p) for p in (tmp_path / "features").glob("*.h5")}
+    assert list(statuses.values()) == ["complete"]  # only the first slide; no half file
+    assert not list((tmp_path / "features").glob("*.tmp"))
+    (finished,) = statuses
+    mtime = features_path(tmp_path, finished).stat().st_mtime_ns
+
+    monkeypatch.setattr(encoder.model, "forward", forward)
+    _, summary, _ = preprocess(slides, tmp_path, encoder)
+    assert (summary.outcomes["skipped"], summary.outcomes["done"]) == (1, 2)
+    assert features_path(tmp_path, finished).stat().st_mtime_ns == mtime
+    assert all(file_status(features_path(tmp_path, f"s{i}")) == "complete" for i in range(3))
+
+    # Another encoder (or weights) makes every file stale: recomputed, not silently reused.
+    _, summary, _ = preprocess(
+        slides, tmp_path, load_encoder("vit_tiny_patch16_224", pretrained=False)
+    )
+    assert summary.outcomes["done"] == 3
+    assert read_bag(features_path(tmp_path, "s0")).features.shape[1] == 192
+    # So does another tile spec.
+    _, summary, _ = preprocess(
+        slides, tmp_path, encoder, tiling=TilingOptions(target_mpp=1.0, tile_size_px=128)
+    )
+    assert summary.outcomes["done"] == 3
+
+
+def test_corrupt_feature_file_is_redone_and_unreadable_tiles_skipped(
+    slides: Path, tmp_path: Path
+) -> None:
+    encoder = tiny_encoder()
+    preprocess(slides, tmp_path, encoder)
+    # A half-written file that lost its tail, under the final name.
+    target = features_path(tmp_path, "s2")
+    target.write_bytes(target.read_bytes()[:2000])
+    assert file_status(target) == "corrupt"
+    _, summary, _ = preprocess(slides, tmp_path, encoder)
+    assert summary.outcomes["done"] == 1 and file_status(target) == "complete"
+
+
+def test_two_processes_write_every_slide_once_with_the_same_features(
+    slides: Path, tmp_path: Path
+) -> None:
+    encoder = tiny_encoder()
+    preprocess(slides, tmp_path / "one", encoder)
+    _, summary, errors = preprocess(slides, tmp_path / "two", encoder, devices=2)
+    assert summary.outcomes["done"] == 3 and summary.failed == 0
+    for index in range(3):
+        single = read_bag(features_path(tmp_path / "one", f"s{index}"))
+        double = read_bag(features_path(tmp_path / "two", f"s{index}"))
+        np.testing.assert_array_equal(single.coords, double.coords)
+        np.testing.assert_allclose(single.features, double.features, atol=1e-3)
+    assert not list((tmp_path / "two").glob("features_results.rank-*.csv"))
+    with errors.open(newline="") as handle:
+        assert list(csv.DictReader(handle)) == []
+
+
+def test_feature_files_read_as_clam_and_trident_files(slides: Path, tmp_path: Path) -> None:
+    preprocess(slides, tmp_path, tiny_encoder())
+    with h5py.File(features_path(tmp_path, "s0"), "r") as file:
+        # CLAM's reader: features and coords only.
+        features, coords = file["features"][:], file["coords"][:]
+        assert features.shape[0] == coords.shape[0] and coords.dtype == np.int64
+        # TRIDENT's reader: the coords attributes.
+        attrs = file["coords"].attrs
+        assert attrs["patch_size"] == 96
+        assert attrs["patch_size_level0"] == 192  # slide at 0.5 µm/px, tiles at 1.0
+        assert attrs["target_magnification"] == pytest.approx(10.0)
+
+
+def test_unknown_encoder_is_a_clear_error(
+    slides: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(EncoderError, match="vit_smal_patch16"):
+        load_encoder("vit_smal_patch16_224", pretrained=False)
+    code = main(
+        ["preprocess", str(slides), str(tmp_path), "--encoder", "not-a-model", "--random-weights"]
+    )
+    assert code == 2
+    assert "not-a-model" in capsys.readouterr().err

@@ -1,0 +1,181 @@
+"""`milkit tile` over folders with bad input: record, go on, exit non-zero only on failure."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from milkit.cli import main
+from milkit.errors import ConfigError
+from milkit.features.h5 import file_status
+from milkit.features.tile_file import read_coords
+from milkit.pipeline.batch import parse_shard, take_shard
+from milkit.slides.folder import find_slides
+
+
+def write_blob_image(
+    path: Path, *, tissue: bool = True, size: tuple[int, int] = (1600, 1200)
+) -> None:
+    """A plain image: a pink ellipse (tissue) on noisy glass, or glass only."""
+    width, height = size
+    rng = np.random.default_rng(1)
+    image = np.full((height, width, 3), 238, np.uint8) + rng.integers(
+        0, 8, (height, width, 3), dtype=np.uint8
+    )
+    if tissue:
+        yy, xx = np.mgrid[:height, :width]
+        blob = ((xx - width / 2) / (width / 3)) ** 2 + ((yy - height / 2) / (height / 3)) ** 2 < 1
+        image[blob] = (196, 110, 168)
+    Image.fromarray(image).save(path)
+
+
+def read_errors(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    slides = tmp_path / "slides"
+    (slides / "nested").mkdir(parents=True)
+    write_blob_image(slides / "good.png")
+    write_blob_image(slides / "nested" / "glass.png", tissue=False)
+    (slides / "empty.svs").write_bytes(b"")
+    (slides / "readme.svs").write_text("not a slide\n")
+    (slides / "notes.txt").write_text("ignored: not a slide extension\n")
+    return slides
+
+
+def test_bad_slides_are_recorded_and_the_batch_goes_on(
+    mixed_folder: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    code = main(
+        [
+            "tile",
+            str(mixed_folder),
+            str(out),
+            "--slide-mpp",
+            "0.5",
+            "--tile-size",
+            "128",
+            "--workers",
+            "1",
+        ]
+    )
+    assert code == 1
+    errors = read_errors(out / "errors.csv")
+    assert {Path(row["slide"]).name for row in errors} == {"empty.svs", "readme.svs"}
+    assert all(row["stage"] == "tile" and row["error"] == "SlideOpenError" for row in errors)
+    assert any("empty (0 bytes)" in row["message"] for row in errors)
+    assert any("text file" in row["message"] for row in errors)
+    # The good slide and the glass-only slide both finished; glass gives zero tiles, not an error.
+    assert len(read_coords(out / "coords" / "good.h5").coords) > 0
+    assert len(read_coords(out / "coords" / "glass.h5").coords) == 0
+    summary = capsys.readouterr().out
+    assert "no_tissue  1: glass" in summary and "failed     2" in summary
+
+
+def test_missing_mpp_fails_with_the_flag_to_use(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_blob_image(slides / "scan.png")
+    out = tmp_path / "out"
+    assert main(["tile", str(slides), str(out), "--workers", "1"]) == 1
+    (row,) = read_errors(out / "errors.csv")
+    assert row["error"] == "MissingMppError" and "--slide-mpp" in row["message"]
+    # Per-slide resolutions from a CSV fix it.
+    mpp_csv = tmp_path / "mpp.csv"
+    mpp_csv.write_text("slide_id,mpp\nscan,0.5\n")
+    assert main(["tile", str(slides), str(out), "--mpp-csv", str(mpp_csv), "--workers", "1"]) == 0
+    assert read_errors(out / "errors.csv") == []
+
+
+def test_bad_mpp_csv_lists_rows(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    mpp_csv = tmp_path / "mpp.csv"
+    mpp_csv.write_text("slide_id,mpp\na,0.5\nb,abc\nc,-1\n")
+    assert main(["tile", str(slides), str(tmp_path / "out"), "--mpp-csv", str(mpp_csv)]) == 2
+
+
+def test_clean_run_exits_zero_and_rerun_skips(tmp_path: Path, capsys) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_blob_image(slides / "a.png")
+    write_blob_image(slides / "b.png")
+    out = tmp_path / "out"
+    args = [
+        "tile",
+        str(slides),
+        str(out),
+        "--slide-mpp",
+        "0.5",
+        "--tile-size",
+        "128",
+        "--workers",
+        "2",
+    ]
+    assert main(args) == 0
+    mtime = (out / "coords" / "a.h5").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "skipped    2" in capsys.readouterr().out
+    assert (out / "coords" / "a.h5").stat().st_mtime_ns == mtime
+    # Other options make the old files stale: they are redone, not reused.
+    assert main([*args, "--min-tissue", "0.9"]) == 0
+    assert (out / "coords" / "a.h5").stat().st_mtime_ns != mtime
+    assert (out / "thumbnails" / "a.png").is_file() and (out / "masks" / "a.png").is_file()
+
+
+def test_coords_files_open_with_plain_h5py(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_blob_image(slides / "a.png", size=(2000, 1000))
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "tile",
+                str(slides),
+                str(out),
+                "--slide-mpp",
+                "0.25",
+                "--mpp",
+                "0.5",
+                "--tile-size",
+                "100",
+            ]
+        )
+        == 0
+    )
+    with h5py.File(out / "coords" / "a.h5", "r") as file:
+        coords = file["coords"][:]
+        assert coords.dtype == np.int64 and coords.shape[1] == 2
+        assert file["coords"].attrs["patch_size_level0"] == 200
+        assert file["coords"].attrs["patch_size"] == 100
+        assert file.attrs["complete"]
+        fractions = file["tissue_fraction"][:]
+    assert (
+        (coords >= 0).all()
+        and (coords[:, 0] + 200 <= 2000).all()
+        and (coords[:, 1] + 200 <= 1000).all()
+    )
+    assert (fractions >= 0.25).all()
+    assert file_status(out / "coords" / "a.h5") == "complete"
+
+
+def test_shards_are_disjoint_and_cover_the_list(tmp_path: Path) -> None:
+    for name in ("c", "a", "e", "b", "d"):
+        write_blob_image(tmp_path / f"{name}.png", size=(64, 64))
+    slides = find_slides(tmp_path)
+    assert [s.stem for s in slides] == ["a", "b", "c", "d", "e"]
+    shards = [take_shard(slides, *parse_shard(f"{i}/3")) for i in range(3)]
+    assert sorted(p for shard in shards for p in shard) == slides
+    with pytest.raises(ConfigError, match="I/N"):
+        parse_shard("3/3")
