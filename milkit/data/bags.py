@@ -5,7 +5,7 @@ knows the milkit, CLAM, TRIDENT and STAMP formats). :class:`BagDataset` then rea
 ``features`` and ``coords`` datasets per item through h5py handles that each process opens
 for itself on first use (never pickled into DataLoader workers) and keeps open. Features keep
 their stored dtype (float16 halves the bytes moved); the training module casts them on its
-device. ``store.py`` has no such cheap per-item reader, so it lives here; files that need a
+device. ``tile_file.py`` has no such cheap per-item reader, so it lives here; files that need a
 conversion on read (STAMP's micron coordinates) go through :func:`milkit.features.tile_file.read_bag`.
 
 A *tile subset* (e.g. the tumour bed) is a boolean ``(N,)`` dataset in the feature file, named

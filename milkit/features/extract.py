@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from milkit.errors import FeatureFileError, SlideReadError
 from milkit.features.encoders import Encoder
-from milkit.features.tile_file import TileCoords, TileFileWriter, read_coords
+from milkit.features.tile_file import TileFileWriter, read_coords
 from milkit.slides.reader import SlideReader, open_slide
 from milkit.slides.tiling import TileSpec, read_tile
 
@@ -187,7 +187,7 @@ def iterate_features(
 
 def extract_slide(
     slide_path: str | Path,
-    coords: TileCoords | str | Path,
+    coords_file: str | Path,
     out_path: str | Path,
     encoder: Encoder,
     *,
@@ -200,7 +200,7 @@ def extract_slide(
 
     Args:
         slide_path: The slide.
-        coords: Its coordinate file from ``milkit tile``, already read or as a path.
+        coords_file: Its coordinate file from ``milkit tile``.
         out_path: The feature file to write.
         encoder: The tile encoder.
         config_hash: Hash of everything that changes the numbers (stored for resume checks).
@@ -213,12 +213,11 @@ def extract_slide(
             be read.
     """
     device = torch.device(device)
-    if not isinstance(coords, TileCoords):
-        coords = read_coords(coords)
+    coords = read_coords(coords_file)
     spec = coords.tile_spec
     if spec is None:
         raise FeatureFileError(
-            f"{coords.path}: not a milkit coordinate file (no tile_spec); rerun `milkit tile`."
+            f"{coords_file}: not a milkit coordinate file (no tile_spec); rerun `milkit tile`."
         )
     dataset = TileDataset(slide_path, coords.coords, spec)
     skipped: list[tuple[int, str]] = []

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import h5py
 import numpy as np
@@ -392,6 +392,37 @@ def read_coords(path: str | Path, *, slide_mpp: float | None = None) -> TileCoor
         return TileCoords(**_read_meta(file, path, slide_mpp))
 
 
+class TileFileHeader(NamedTuple):
+    """A tile file's size and root attributes, read without its arrays.
+
+    Attributes:
+        n_tiles: Rows of ``coords``.
+        attrs: Root attributes as Python values (``tile_spec``, ``config_hash``, ...).
+    """
+
+    n_tiles: int
+    attrs: dict[str, Any]
+
+
+def read_header(path: str | Path) -> TileFileHeader:
+    """The number of tiles and the root attributes of a tile file, without reading any array.
+
+    Cheap enough for every file of a cohort before the work starts; the arrays are read once,
+    by whoever uses them.
+
+    Args:
+        path: A tile file of any supported format.
+
+    Raises:
+        FeatureFileError: Missing, unreadable, unfinished or malformed file.
+    """
+    path = Path(path)
+    with open_h5(path) as file:
+        _detect_format(file, path)
+        attrs = {key: plain_attr(value) for key, value in file.attrs.items()}
+        return TileFileHeader(n_tiles=_num_coords(file), attrs=attrs)
+
+
 def read_bag(path: str | Path, *, slide_mpp: float | None = None) -> Bag:
     """Read a feature file of any supported format as float32 features and level-0 coords.
 
@@ -501,14 +532,19 @@ def _features_dataset(
         dataset.shape[1:] if len(dataset.shape) == 3 and dataset.shape[0] == 1 else dataset.shape
     )
     if num_coords is None:
-        coords_shape = file["coords"].shape  # (N, 2), or (1, N, 2) as some CLAM versions write
-        num_coords = coords_shape[1] if len(coords_shape) == 3 else coords_shape[0]
+        num_coords = _num_coords(file)
     if len(shape) != 2 or shape[0] != num_coords:
         raise FeatureFileError(
             f"{path}: `{name}` has shape {dataset.shape} but there are {num_coords} coords; "
             f"the file is malformed, {RERUN_HINT}."
         )
     return dataset
+
+
+def _num_coords(file: h5py.File) -> int:
+    """Rows of ``coords``: (N, 2), or (1, N, 2) as some CLAM versions write."""
+    shape = file["coords"].shape
+    return int(shape[1] if len(shape) == 3 else shape[0])
 
 
 def _clam_tile_size_level0(coords_attrs: Mapping[str, Any]) -> float | None:

@@ -39,7 +39,6 @@ class MILModel(Protocol):
         ...
 
 
-@runtime_checkable
 class MultiTaskMILModel(MILModel, Protocol):
     """A MIL model with one head per task, as continual learning grows it.
 
@@ -99,29 +98,22 @@ def require_task_heads(model_class: type) -> None:
         )
 
 
-def require_mil_model(model: nn.Module, *, tasks: bool = False) -> MILModel:
+def require_mil_model(model: nn.Module) -> MILModel:
     """Refuse a model that does not follow the contract, naming what it lacks.
 
     Args:
         model: The model to check.
-        tasks: Whether one head per task is needed (continual learning).
 
     Returns:
         The model, typed by the contract.
 
     Raises:
-        ConfigError: The model lacks a contract attribute, or has no task heads when needed.
+        ConfigError: The model lacks a contract attribute.
     """
-    name = type(model).__name__
     if not isinstance(model, MILModel):
         raise ConfigError(
-            f"{name} does not follow milkit's MIL model contract (milkit.models.contract): it "
+            f"{type(model).__name__} does not follow milkit's MIL model contract (milkit.models.contract): it "
             "needs the class attributes default_instance_loss_weight and supports_tasks; "
             "derive it from milkit.models.MILModelBase."
-        )
-    if tasks and not (model.supports_tasks and isinstance(model, MultiTaskMILModel)):
-        raise ConfigError(
-            f"{name} has a single head; continual learning needs a model with one head per "
-            "task (supports_tasks, add_task, n_tasks), such as milkit.models.GDATMIL."
         )
     return model

@@ -1,8 +1,9 @@
 """The slides ``milkit preprocess`` still has to extract, and the extraction of one of them.
 
 Shared by the single-process run (:mod:`milkit.pipeline.preprocess`) and the Lightning one
-(:mod:`milkit.pipeline.distributed`). A job carries its slide's coordinates, read once, and the
-hash its feature file must have; the slide's resolution is the one its tile spec records.
+(:mod:`milkit.pipeline.distributed`). Planning reads only each coordinate file's header, so a
+job list of thousands of slides stays small; the coordinates themselves are read once, when
+the slide is extracted. The slide's resolution is the one its tile spec records.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from milkit.features.encoders import Encoder
 from milkit.features.extract import ExtractionOptions, extract_slide
 from milkit.features.h5 import config_hash, file_status
-from milkit.features.tile_file import TileCoords, read_coords
+from milkit.features.tile_file import read_header
 from milkit.pipeline.tile import coords_path
 from milkit.slides.reader import slide_id_from_path
 
@@ -41,14 +42,16 @@ class SlideJob:
     Attributes:
         slide_path: The slide.
         slide_id: Its id (the files' stem).
-        coords: Its coordinate file, read.
+        coords_file: Its coordinate file.
+        n_tiles: Tiles in it.
         out_path: The feature file to write.
         config_hash: The :func:`features_hash` the feature file gets.
     """
 
     slide_path: str
     slide_id: str
-    coords: TileCoords
+    coords_file: str
+    n_tiles: int
     out_path: str
     config_hash: str
 
@@ -70,19 +73,20 @@ def pending_jobs(
         coords_file = coords_path(out_dir, slide_id)
         if file_status(coords_file) != "complete":
             continue
-        coords = read_coords(coords_file)
-        if len(coords.coords) == 0:
+        header = read_header(coords_file)
+        if header.n_tiles == 0:
             continue
         target = features_path(out_dir, slide_id)
-        expected = features_hash(encoder, coords.attrs["tile_spec"], options)
+        expected = features_hash(encoder, header.attrs["tile_spec"], options)
         if file_status(target, config_hash=expected) == "complete":
-            finished.append((slide_id, len(coords.coords)))
+            finished.append((slide_id, header.n_tiles))
             continue
         jobs.append(
             SlideJob(
                 slide_path=str(slide),
                 slide_id=slide_id,
-                coords=coords,
+                coords_file=str(coords_file),
+                n_tiles=header.n_tiles,
                 out_path=str(target),
                 config_hash=expected,
             )
@@ -101,7 +105,7 @@ def run_job(
     """Extract one slide; returns ``(n_tiles, n_skipped_tiles)``."""
     result = extract_slide(
         job.slide_path,
-        job.coords,
+        job.coords_file,
         job.out_path,
         encoder,
         config_hash=job.config_hash,

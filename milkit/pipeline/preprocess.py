@@ -18,7 +18,6 @@ from milkit.features.encoders import Encoder
 from milkit.features.extract import ExtractionOptions
 from milkit.features.h5 import remove_stale_tmp_files
 from milkit.pipeline.batch import BatchSummary, ErrorLog, shard_suffix
-from milkit.pipeline.distributed import extract_distributed
 from milkit.pipeline.jobs import pending_jobs, run_job
 from milkit.pipeline.tile import TilingOptions, run_tiling
 
@@ -72,6 +71,9 @@ def run_preprocess(
     for slide_id, n_tiles in finished:
         summary.add(slide_id, "skipped", n_tiles)
     if devices * num_nodes > 1:
+        # Lightning is imported only when extraction spans several processes.
+        from milkit.pipeline.distributed import extract_distributed
+
         accelerator = "gpu" if torch.device(device).type == "cuda" else "cpu"
         extract_distributed(
             jobs, encoder, extraction, out_dir=out_dir, summary=summary, errors=errors,
@@ -90,7 +92,7 @@ def run_preprocess(
         log.writerow(["slide_id", "outcome", "n_tiles", "n_skipped_tiles"])
         for job in jobs:
             with tqdm(
-                total=len(job.coords.coords),
+                total=job.n_tiles,
                 desc=job.slide_id,
                 unit="tile",
                 leave=False,

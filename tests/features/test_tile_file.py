@@ -17,6 +17,7 @@ from milkit.features.tile_file import (
     read_bag,
     read_coords,
     read_features_dim,
+    read_header,
     write_coords_file,
 )
 from milkit.slides.tiling import TileSpec
@@ -246,6 +247,25 @@ def test_coordinate_file(tmp_path: Path) -> None:
         read_bag(path)
     with pytest.raises(FeatureFileError, match="coordinate file without features"):
         read_features_dim(path)
+
+
+def test_the_header_gives_size_and_attributes_without_the_arrays(tmp_path: Path) -> None:
+    path = tmp_path / "s.h5"
+    _write(path, n=30, config="abc")
+    header = read_header(path)
+    assert header.n_tiles == 30 == len(read_coords(path).coords)
+    assert header.attrs == read_coords(path).attrs and header.attrs["config_hash"] == "abc"
+    clam = tmp_path / "clam.h5"
+    with h5py.File(clam, "w") as f:
+        f["features"] = np.zeros((1, 7, 4), np.float32)  # CLAM's (1, N, D) layout
+        f["coords"] = np.zeros((1, 7, 2), np.int64)
+    assert read_header(clam).n_tiles == 7
+    unfinished = tmp_path / "u.h5"
+    with h5py.File(unfinished, "w") as f:
+        f.attrs["milkit_version"] = "0.1.0"
+        f["coords"] = np.zeros((2, 2), np.int64)
+    with pytest.raises(FeatureFileError, match="unfinished"):
+        read_header(unfinished)
 
 
 @pytest.mark.parametrize("leading_one", [False, True])

@@ -191,7 +191,7 @@ def build_model(config: Namespace, in_dim: int, n_classes_per_task: list[int]) -
     require_task_heads(cls)
     init_args = config.init_args.as_dict() if config.get("init_args") else {}
     model = cls(in_dim=in_dim, n_classes_per_task=n_classes_per_task, **init_args)
-    require_mil_model(model, tasks=True)
+    require_mil_model(model)
     return model
 
 
