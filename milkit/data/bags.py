@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -147,6 +147,66 @@ class BagBatch:
         return BagBatch(**pinned)
 
 
+class BagMemory:
+    """Whole bags kept in this process's memory, least recently used first out.
+
+    Keyed by file identity (path, size, modification time) and tile subset, so a rewritten
+    file is read again. Bounded by bytes: a bag that does not fit is read but not kept.
+
+    Args:
+        max_bytes: Most bytes of features and coordinates kept.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._bags: OrderedDict[Hashable, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def get(
+        self, key: Hashable, read: Callable[[], tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The bag kept under ``key``, read (and kept if it fits) on a miss.
+
+        Args:
+            key: The bag's identity.
+            read: Reads ``(features, coords)`` from its file.
+
+        Returns:
+            The kept arrays; do not write into them.
+        """
+        bag = self._bags.get(key)
+        if bag is not None:
+            self._bags.move_to_end(key)
+            return bag
+        bag = read()
+        size = bag[0].nbytes + bag[1].nbytes
+        if size <= self.max_bytes:
+            self._bags[key] = bag
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (features, coords) = self._bags.popitem(last=False)
+                self.bytes -= features.nbytes + coords.nbytes
+        return bag
+
+    def clear(self) -> None:
+        """Drop every kept bag."""
+        self._bags.clear()
+        self.bytes = 0
+
+
+def memory_budget_bytes() -> int:
+    """Bytes of bags a process may keep: a quarter of the machine's memory, at most 16 GiB."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
+        physical = 8 << 30
+    return min(physical // 4, 16 << 30)
+
+
+#: The process-wide store of :class:`BagDataset` with ``in_memory=True``.
+BAG_MEMORY = BagMemory(memory_budget_bytes())
+
+
 class _OpenFiles:
     """Per-process LRU of open read-only feature files, as their ``(features, coords)``
     datasets (looked up once per file); dropped when pickled or forked."""
@@ -227,6 +287,9 @@ class BagDataset(Dataset[BagItem]):
         tile_subset: Name of a boolean ``(N,)`` dataset in every feature file; only its
             tiles form the bag (see the module docstring). None keeps every tile.
         max_open_files: Open file handles kept per process.
+        in_memory: Keep every bag read in :data:`BAG_MEMORY`, the process-wide store shared
+            by every dataset (a cross-validation's folds read each file once); use it with
+            no DataLoader workers, which would each hold a copy.
     """
 
     def __init__(
@@ -238,6 +301,7 @@ class BagDataset(Dataset[BagItem]):
         training: bool = False,
         tile_subset: str | None = None,
         max_open_files: int = 128,
+        in_memory: bool = False,
     ) -> None:
         if targets is not None and len(targets) != len(bags):
             raise ValueError(f"{len(targets)} targets for {len(bags)} bags.")
@@ -246,10 +310,16 @@ class BagDataset(Dataset[BagItem]):
         self.max_tiles = max_tiles
         self.training = training
         self.tile_subset = tile_subset
+        self.in_memory = in_memory
         self._files = _OpenFiles(max_open_files)
 
     def __len__(self) -> int:
         return len(self.bags)
+
+    def read_all(self, index: int) -> np.ndarray:
+        """``(n, D)`` features of every tile of bag ``index`` (no training subsample), stored
+        dtype."""
+        return self._read(self.bags[index])[0]
 
     def __getitem__(self, index: int) -> BagItem:
         info = self.bags[index]
@@ -268,26 +338,46 @@ class BagDataset(Dataset[BagItem]):
 
     def _read(self, info: BagInfo) -> tuple[np.ndarray, np.ndarray]:
         """``(n, D)`` features (stored dtype) and ``(n, 2)`` coords of one file's tiles (of
-        its tile subset, when one is set)."""
-        if info.direct:
-            features_dataset, coords_dataset = self._files.get(info.path)
-            # Some CLAM versions write (1, N, D) and (1, N, 2); store.py accepts them, so read them.
-            features = features_dataset[0] if features_dataset.ndim == 3 else features_dataset[()]
-            coords = coords_dataset[0] if coords_dataset.ndim == 3 else coords_dataset[()]
-        else:
+        its tile subset, when one is set); copies of the kept bag when ``in_memory``."""
+        if not self.in_memory:
+            return self._read_file(info)
+        stat = info.path.stat()
+        key = (info.path, stat.st_size, stat.st_mtime_ns, self.tile_subset)
+        features, coords = BAG_MEMORY.get(key, lambda: self._read_file(info))
+        return features.copy(), coords.copy()  # callers may write into what they get
+
+    def _read_file(self, info: BagInfo) -> tuple[np.ndarray, np.ndarray]:
+        if not info.direct:
             bag = read_bag(info.path)
             features, coords = bag.features, np.rint(bag.coords).astype(np.int64)
-        if self.tile_subset is None:
-            return features, coords
-        keep = self._subset(info, self.tile_subset, len(coords))
-        return features[keep], coords[keep]
+            keep = self._subset_of(info.path, len(coords))
+        elif self.in_memory:  # read once: no handle kept, so a replaced file is seen anew
+            with h5py.File(info.path, "r") as file:
+                features, coords = _read_datasets(file["features"], file["coords"])
+                keep = self._subset_of(file, len(coords))
+        else:
+            features_dataset, coords_dataset = self._files.get(info.path)
+            features, coords = _read_datasets(features_dataset, coords_dataset)
+            keep = self._subset_of(coords_dataset.file, len(coords))
+        return (features, coords) if keep is None else (features[keep], coords[keep])
 
-    def _subset(self, info: BagInfo, name: str, n_tiles: int) -> np.ndarray:
-        """``(N,)`` bool tile subset of one file (through the cached handle when there is one)."""
-        if info.direct:
-            return read_tile_subset(self._files.get(info.path)[1].file, name, n_tiles)
-        with h5py.File(info.path, "r") as file:
-            return read_tile_subset(file, name, n_tiles)
+    def _subset_of(self, file: h5py.File | Path, n_tiles: int) -> np.ndarray | None:
+        """``(N,)`` bool tile subset of an open file or a path; None without a subset."""
+        if self.tile_subset is None:
+            return None
+        if isinstance(file, h5py.File):
+            return read_tile_subset(file, self.tile_subset, n_tiles)
+        with h5py.File(file, "r") as opened:
+            return read_tile_subset(opened, self.tile_subset, n_tiles)
+
+
+def _read_datasets(features: h5py.Dataset, coords: h5py.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Whole ``features`` and ``coords`` arrays; some CLAM versions write (1, N, D) and
+    (1, N, 2), which the feature-file readers accept, so they are read here too."""
+    return (
+        features[0] if features.ndim == 3 else features[()],
+        coords[0] if coords.ndim == 3 else coords[()],
+    )
 
 
 def pad_bags(

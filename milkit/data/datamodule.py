@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -12,10 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
-from milkit.data.bags import BagDataset, bag_loader
+from milkit.data.bags import BAG_MEMORY, BagBatch, BagDataset, bag_loader
 from milkit.data.cohort import Cohort, load_cohort
 from milkit.data.labels import LabelTable, SlideLabel, TaskType
 from milkit.data.splits import Split, make_split, quantile_strata
+from milkit.data.statistics import FeatureStatistics, feature_statistics
 from milkit.errors import ConfigError, LabelsError
 
 Balance = Literal["none", "loss_weights", "sampler"]
@@ -48,6 +50,7 @@ class MILDataModule(pl.LightningDataModule):
         target_scale: float = 1.0,
         tile_subset: str | None = None,
         predict_split: SplitName = "all",
+        in_memory: bool | None = None,
     ) -> None:
         """Configure the data.
 
@@ -67,7 +70,7 @@ class MILDataModule(pl.LightningDataModule):
             max_tiles: In training, a random subset of at most this many tiles per bag;
                 None for all. Evaluation and prediction always use every tile.
             batch_size: Bags per batch (padded, with a mask).
-            num_workers: DataLoader worker processes.
+            num_workers: DataLoader worker processes (none when the bags are in memory).
             balance: Class imbalance handling in training: ``"none"``, ``"loss_weights"``
                 (inverse-frequency weights handed to the loss) or ``"sampler"`` (bags drawn
                 with replacement, classes equally often).
@@ -77,6 +80,10 @@ class MILDataModule(pl.LightningDataModule):
                 tumour-bed mask, ``tumor_bed``): only its tiles form each bag, in training,
                 evaluation and prediction. None uses every tile.
             predict_split: Which slides ``predict`` runs on: ``"all"`` or one part.
+            in_memory: Keep the bags in memory after their first read, shared by every
+                datamodule of the process (a cross-validation reads each file once), and read
+                them without worker processes. None (default): when the cohort's features fit
+                in a quarter of the machine's memory (at most 16 GiB).
         """
         super().__init__()
         if batch_size < 1 or num_workers < 0 or (max_tiles is not None and max_tiles < 1):
@@ -102,6 +109,7 @@ class MILDataModule(pl.LightningDataModule):
         self.target_scale = target_scale
         self.tile_subset = tile_subset
         self.predict_split = predict_split
+        self.given_in_memory = in_memory
         self._cohort: Cohort | None = None
         self._split: Split | None = None
         self._datasets: dict[str, BagDataset] = {}
@@ -154,6 +162,13 @@ class MILDataModule(pl.LightningDataModule):
         return self.cohort.encoder
 
     @property
+    def in_memory(self) -> bool:
+        """Whether bags are kept in memory (see ``in_memory`` in the constructor)."""
+        if self.given_in_memory is not None:
+            return self.given_in_memory
+        return cohort_bytes(self.cohort) <= BAG_MEMORY.max_bytes
+
+    @property
     def split(self) -> Split:
         """This fold's train/val/test row indices into ``cohort.rows``."""
         if self._split is None:
@@ -169,6 +184,13 @@ class MILDataModule(pl.LightningDataModule):
         counts = np.bincount(self._targets(self.split.train), minlength=self.n_classes)
         weights = len(self.split.train) / (self.n_classes * np.maximum(counts, 1))
         return torch.tensor(weights, dtype=torch.float32)
+
+    def feature_statistics(self) -> FeatureStatistics:
+        """Per-dimension mean and standard deviation of the training part's tiles (every
+        tile of every training bag; what the model standardises its input with)."""
+        if "train" not in self._datasets:
+            self._datasets["train"] = self._dataset("train")
+        return feature_statistics(self._datasets["train"], seed=self.split_seed)
 
     def setup(self, stage: str) -> None:
         """Build the datasets a stage needs (checks the training part on ``fit``).
@@ -215,6 +237,23 @@ class MILDataModule(pl.LightningDataModule):
         """The ``predict_split`` bags in file order."""
         return self._loader(self._datasets["predict"])
 
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """Move a :class:`BagBatch`'s tensors, or hand it back as is when it is already there
+        (Lightning's generic walk over the dataclass costs more than a small bag's step)."""
+        if not isinstance(batch, BagBatch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if batch.features.device == device:
+            return batch
+        return replace(
+            batch,
+            features=batch.features.to(device, non_blocking=True),
+            mask=batch.mask.to(device, non_blocking=True),
+            coords=batch.coords.to(device, non_blocking=True),
+            targets=batch.targets.to(device) if batch.targets is not None else None,
+        )
+
     def rows_of(self, part: SplitName) -> np.ndarray:
         """Row indices into ``cohort.rows`` of a part (``"all"``: every row)."""
         if part == "all":
@@ -253,6 +292,7 @@ class MILDataModule(pl.LightningDataModule):
             max_tiles=self.max_tiles,
             training=part == "train",
             tile_subset=self.tile_subset,
+            in_memory=self.in_memory,
         )
 
     def _check_training_classes(self) -> None:
@@ -280,7 +320,7 @@ class MILDataModule(pl.LightningDataModule):
         return bag_loader(
             dataset,
             batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            num_workers=0 if dataset.in_memory else self.num_workers,
             shuffle=shuffle,
             sampler=sampler,
         )
@@ -308,6 +348,11 @@ class _UnrepeatedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def cohort_bytes(cohort: Cohort) -> int:
+    """Bytes the cohort's features take in memory (as float32, the larger stored type)."""
+    return sum(bag.n_tiles * (bag.feature_dim * 4 + 16) for bag in cohort.bags)
 
 
 def _ranges(lines: Sequence[int]) -> str:

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -32,6 +33,7 @@ from milkit.data.datamodule import MILDataModule
 from milkit.errors import MilkitError
 from milkit.training.callbacks import PredictionWriter
 from milkit.training.module import MILModule
+from milkit.training.threads import threads_for_bags
 
 
 class MILCLI(LightningCLI):
@@ -55,6 +57,17 @@ class MILCLI(LightningCLI):
         """Parse ``args``: milkit's entry points always pass their argv explicitly (Lightning
         would warn that ``sys.argv`` is set as well)."""
         self.config = parser.parse_args(args)
+
+    def before_fit(self) -> None:
+        """Train small bags on the CPU with one intra-op thread (:mod:`milkit.training.threads`)."""
+        self._threads_before = torch.get_num_threads()
+        threads = threads_for_bags(self.datamodule, self.trainer)
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+    def after_fit(self) -> None:
+        """Give the process its thread count back (``fit`` may run inside a longer program)."""
+        torch.set_num_threads(self._threads_before)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a :class:`PredictionWriter` for ``predict`` when none is configured."""

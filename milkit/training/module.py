@@ -3,6 +3,11 @@
 The model is a plain ``nn.Module`` (chosen by ``class_path`` in YAML); this module owns the
 loss, the metrics, the optimiser and what a checkpoint records about itself (docs/design.md §2).
 
+Inputs: every feature dimension is standardised with the training part's statistics before the
+model sees it (``standardize``); the statistics are buffers, so checkpoints carry them. The
+learning rate decays to 0 along a cosine over the run (``lr_decay``): the default recipe
+trains a fixed number of epochs and uses the final model (configs/trainer/cpu.yaml says why).
+
 Losses: classification is cross-entropy on the bag logits (optionally class-weighted). With an
 instance-loss weight w > 0 (DSMIL's default is 0.5; docs/papers.md B) it is
 ``(1 - w)·CE(bag) + w·CE(c_m)``, where ``c_m`` are the critical instance's logits, and the
@@ -13,8 +18,9 @@ model's value in [0, 1] and ``target / target_scale``; predictions are reported 
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from torchmetrics import MeanMetric, MetricCollection
 
 import milkit
@@ -32,8 +38,12 @@ from milkit.errors import ConfigError
 from milkit.models.contract import require_mil_model
 from milkit.models.dsmil import critical_instance_logits
 from milkit.models.output import MILOutput
+from milkit.models.standardize import FeatureStandardizer
 from milkit.training.metrics import classification_metrics, regression_metrics
 from milkit.training.prediction_file import SlidePrediction
+
+Standardize = Literal["auto", "on", "off"]
+LRDecay = Literal["cosine", "none"]
 
 #: Key of the self-description a checkpoint carries besides Lightning's own entries.
 CHECKPOINT_KEY = "milkit"
@@ -54,8 +64,10 @@ class MILModule(pl.LightningModule):
         target_units: str | None = None,
         instance_loss_weight: float | None = None,
         regression_cutoff: float | None = None,
+        standardize: Standardize = "auto",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_decay: LRDecay = "cosine",
         scheduler_monitor: str = "val/loss",
     ) -> None:
         """Wrap a model.
@@ -78,8 +90,16 @@ class MILModule(pl.LightningModule):
             instance_loss_weight: Weight w of the critical-instance loss; None for the model's
                 ``default_instance_loss_weight`` (0.5 for DSMIL, 0 otherwise).
             regression_cutoff: Target threshold of the high-vs-low AUROC (regression).
+            standardize: Standardise every feature dimension to zero mean and unit variance
+                with statistics of the training part's tiles (fitted at the start of ``fit``,
+                saved in checkpoints, applied by ``validate``/``test``/``predict``):
+                ``"auto"`` unless the features already are (every dimension's mean within
+                0.1 of 0 and SD within 0.1 of 1), ``"on"`` always, ``"off"`` never.
             optimizer: Optimiser factory (``class_path`` + ``init_args`` in YAML).
-            lr_scheduler: Learning-rate scheduler factory, or None.
+            lr_scheduler: Learning-rate scheduler factory, or None for ``lr_decay``.
+            lr_decay: Without ``lr_scheduler``: ``"cosine"`` decays the learning rate to 0
+                over the run's optimiser steps (``trainer.max_epochs``), so the final model is
+                the one to use; ``"none"`` keeps it constant.
             scheduler_monitor: Metric a ``ReduceLROnPlateau`` scheduler watches.
 
         Raises:
@@ -94,8 +114,16 @@ class MILModule(pl.LightningModule):
             self.save_hyperparameters()
         if task not in ("classification", "regression"):
             raise ConfigError(f"task must be classification or regression, got {task!r}.")
+        if standardize not in get_args(Standardize) or lr_decay not in get_args(LRDecay):
+            raise ConfigError(
+                f"standardize must be one of {get_args(Standardize)} and lr_decay one of "
+                f"{get_args(LRDecay)}; got {standardize!r}, {lr_decay!r}."
+            )
         contract = require_mil_model(model)
         self.model = model
+        self.standardizer = FeatureStandardizer()
+        self.standardize = standardize
+        self.lr_decay = lr_decay
         self.task = task
         self.feature_dim = feature_dim
         self.encoder = encoder
@@ -142,7 +170,7 @@ class MILModule(pl.LightningModule):
         Returns:
             The model's output.
         """
-        return self.model(features.float(), mask, coords)
+        return self.model(self.standardizer(features.float()), mask, coords)
 
     def predictions(self, output: MILOutput, mask: torch.Tensor) -> torch.Tensor:
         """Slide predictions from a model output.
@@ -186,18 +214,39 @@ class MILModule(pl.LightningModule):
         return loss
 
     def setup(self, stage: str) -> None:
-        """Take the class weights of the training part from the datamodule, if it has them."""
+        """On ``fit``: fit the standardisation and take the class weights of the training part
+        from the datamodule (when it offers them; a resumed run then loads the checkpoint's
+        statistics over the fitted ones, which are the same)."""
+        if stage != "fit":
+            return
         datamodule = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and self.task == "classification":
+        if self.task == "classification":
             weights = getattr(datamodule, "class_weights", None)
             self.loss_weights = weights.to(self.device) if weights is not None else None
+        statistics = getattr(datamodule, "feature_statistics", None)
+        if self.standardize == "off" or self.standardizer.fitted or statistics is None:
+            return
+        training = statistics()
+        if self.standardize == "on" or not training.normalised:
+            self.standardizer.fit(training.mean, training.std)
+
+    def on_train_epoch_start(self) -> None:
+        self._train_loss_sum = torch.zeros((), device=self.device)
+        self._train_bags = 0
 
     def training_step(self, batch: BagBatch, batch_idx: int) -> torch.Tensor:
-        """Loss of one batch, logged as ``train/loss``."""
+        """Loss of one batch; its mean over the epoch is logged as ``train/loss`` at the end
+        of the epoch (a per-step log costs more than a step on small bags)."""
         output = self(batch.features, batch.mask, batch.coords)
         loss = self.loss(output, batch.mask, batch_targets(batch))
-        self.log("train/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch))
+        self._train_loss_sum += loss.detach() * len(batch)
+        self._train_bags += len(batch)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._train_bags:
+            mean = self._train_loss_sum / self._train_bags
+            self.log("train/loss", mean, prog_bar=True, sync_dist=True)
 
     def validation_step(self, batch: BagBatch, batch_idx: int) -> None:
         """Accumulate ``val/`` loss and metrics (logged at the end of the epoch)."""
@@ -245,7 +294,20 @@ class MILModule(pl.LightningModule):
         """The optimiser over all parameters, with the scheduler when one is configured."""
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is None:
-            return optimizer
+            if self.lr_decay == "none":
+                return optimizer
+            estimated = self.trainer.estimated_stepping_batches
+            if not math.isfinite(estimated):
+                raise ConfigError(
+                    "lr_decay cosine needs a fixed length: set --trainer.max_epochs (or "
+                    "max_steps), or --model.lr_decay none."
+                )
+            total_steps = max(int(estimated), 1)
+            cosine = LambdaLR(optimizer, lambda step: cosine_factor(step, total_steps))
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": cosine, "interval": "step"},
+            }
         scheduler = self.lr_scheduler_factory(optimizer)
         config: dict[str, Any] = {"scheduler": scheduler}
         if isinstance(scheduler, ReduceLROnPlateau):
@@ -270,6 +332,7 @@ class MILModule(pl.LightningModule):
             "target_name": self.target_name,
             "target_scale": self.target_scale,
             "target_units": self.target_units,
+            "standardized": self.standardizer.fitted,
             "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
         }
 
@@ -279,6 +342,10 @@ class MILModule(pl.LightningModule):
         Raises:
             ConfigError: Class names or feature length differ.
         """
+        state = checkpoint.get("state_dict")
+        if state is not None and "standardizer.mean" not in state:
+            # Written before standardisation existed: those models saw raw features.
+            state["standardizer.mean"], state["standardizer.std"] = torch.zeros(0), torch.ones(0)
         saved = checkpoint.get(CHECKPOINT_KEY, {})
         for key, mine, flag in (
             ("class_names", self.class_names, "--data.class_names"),
@@ -317,6 +384,11 @@ class MILModule(pl.LightningModule):
             return float(value)
         index = int(np.argmax(value)) if isinstance(value, np.ndarray) else int(value)
         return self.class_names[index]
+
+
+def cosine_factor(step: int, total_steps: int) -> float:
+    """Learning-rate factor of a cosine decay from 1 at step 0 to 0 at ``total_steps``."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 def batch_targets(batch: BagBatch) -> torch.Tensor:

@@ -147,3 +147,44 @@ def test_pad_bags_rejects_empty_and_mismatched_bags() -> None:
         pad_bags([torch.ones(2, 3), torch.ones(0, 3)])
     with pytest.raises(BagBatchError, match=r"\(2, 4\)"):
         pad_bags([torch.ones(2, 3), torch.ones(2, 4)])
+
+
+def test_in_memory_bags_are_read_once_and_handed_out_as_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from milkit.data import bags as bags_module
+
+    memory = bags_module.BagMemory(max_bytes=1 << 20)
+    monkeypatch.setattr(bags_module, "BAG_MEMORY", memory)
+    stored = _clam_file(tmp_path / "a.h5", 5)
+    dataset = BagDataset([probe_bag(tmp_path / "a.h5")], in_memory=True)
+    reads = []
+    read_file = dataset._read_file
+    monkeypatch.setattr(dataset, "_read_file", lambda info: reads.append(info) or read_file(info))
+    first = dataset[0].features
+    first[:] = -1  # a caller writing into its bag must not change the kept one
+    assert torch.equal(dataset[0].features, torch.from_numpy(stored)) and len(reads) == 1
+    assert memory.bytes == stored.nbytes + 5 * 2 * 8
+    # a rewritten file (another size) is another bag
+    rewritten = _clam_file(tmp_path / "new.h5", 7)
+    (tmp_path / "new.h5").replace(tmp_path / "a.h5")
+    dataset.bags = [probe_bag(tmp_path / "a.h5")]
+    assert torch.equal(dataset[0].features, torch.from_numpy(rewritten)) and len(reads) == 2
+
+
+def test_bag_memory_drops_the_least_recently_used_bag_beyond_its_budget() -> None:
+    from milkit.data.bags import BagMemory
+
+    def bag(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((n, 10), np.float32), np.zeros((n, 2), np.int64)  # 56 bytes a tile
+
+    memory = BagMemory(max_bytes=56 * 10)
+    memory.get("a", lambda: bag(4))
+    memory.get("b", lambda: bag(4))
+    memory.get("a", lambda: pytest.fail("'a' is kept"))  # now 'b' is the oldest
+    memory.get("c", lambda: bag(4))
+    assert memory.bytes == 56 * 8
+    assert memory.get("a", lambda: bag(99))[0].shape == (4, 10)  # still kept
+    assert memory.get("b", lambda: bag(1))[0].shape == (1, 10)  # was dropped, read again
+    memory.get("huge", lambda: bag(11))  # larger than the budget: read, never kept
+    assert memory.bytes <= 56 * 10 and "huge" not in memory._bags

@@ -101,8 +101,8 @@ def test_checkpoint_round_trips_through_predict(cohort: WitnessCohort, tmp_path:
     cli = build_cli(
         ["fit", *_options(cohort, tmp_path / "fit", "abmil_gated"), "--trainer.max_epochs", "2"]
     )
-    checkpoint = cli.trainer.checkpoint_callback.best_model_path
-    assert Path(checkpoint).is_file()
+    checkpoint = cli.trainer.checkpoint_callback.last_model_path
+    assert Path(checkpoint).name == "last.ckpt" and Path(checkpoint).is_file()
     run = tmp_path / "predict"
     options = _options(cohort, run, "abmil_gated")
     assert run_lightning(["predict", *options, "--ckpt_path", checkpoint]) == 0
@@ -148,3 +148,83 @@ def test_bad_labels_fail_before_training_with_every_row(
     assert "line 3: slide 'missing_slide' has no feature file" in error
     assert "line 4: slide 'slide_0001': missing target" in error
     assert not (tmp_path / "lightning_logs").exists()  # nothing trained
+
+
+def _rescale_files(features_dir: Path, slide_ids: list[str], scale: float, shift: float) -> None:
+    """``features * scale + shift`` in the given slides' files (rewritten in place)."""
+    for slide_id in slide_ids:
+        with h5py.File(features_dir / f"{slide_id}.h5", "r+") as file:
+            file["features"][...] = file["features"][()] * scale + shift
+
+
+def test_standardisation_is_fitted_on_the_training_part_and_applied_by_predict(
+    tmp_path: Path,
+) -> None:
+    """Raw-scale features (x10 + 5) whose validation and test bags are shifted by +50 more:
+    the shift must not move the statistics; the checkpoint carries them and ``predict``
+    applies them."""
+    cohort = write_witness_cohort(
+        tmp_path / "cohort", n_bags=16, n_tiles=(6, 10), feature_dim=8, dtype="float32", seed=4
+    )
+    _rescale_files(cohort.features_dir, list(cohort.labels), 10.0, 5.0)
+    options = _options(cohort, tmp_path / "fit", "abmil")
+    split_cli = build_cli([*options, "--trainer.max_epochs", "1"], run=False)
+    data = split_cli.datamodule
+    rows = data.cohort.rows
+    held_out = [rows[i].slide_id for i in (*data.split.val, *data.split.test)]
+    assert held_out and len(data.split.val)
+    _rescale_files(cohort.features_dir, held_out, 1.0, 50.0)
+    train_tiles = np.concatenate(
+        [
+            read_bag(cohort.features_dir / f"{rows[i].slide_id}.h5").features
+            for i in data.split.train
+        ]
+    )
+
+    cli = build_cli(["fit", *options, "--trainer.max_epochs", "1"])
+    standardizer = cli.model.standardizer
+    assert standardizer.fitted
+    assert np.allclose(standardizer.mean.numpy(), train_tiles.mean(0), atol=1e-4)
+    assert np.allclose(standardizer.std.numpy(), train_tiles.std(0), atol=1e-4)
+
+    checkpoint = cli.trainer.checkpoint_callback.last_model_path
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["milkit"]["standardized"] is True
+    assert torch.equal(saved["state_dict"]["standardizer.mean"], standardizer.mean)
+
+    run = tmp_path / "predict"
+    assert (
+        run_lightning(["predict", *_options(cohort, run, "abmil"), "--ckpt_path", checkpoint]) == 0
+    )
+    network = MILModule.load_from_checkpoint(checkpoint, weights_only=True).model.eval()
+    mean, std = saved["state_dict"]["standardizer.mean"], saved["state_dict"]["standardizer.std"]
+    for slide_id in sorted(cohort.labels):
+        features = torch.from_numpy(read_bag(cohort.features_dir / f"{slide_id}.h5").features)
+        mask = torch.ones(1, len(features), dtype=torch.bool)
+        with torch.no_grad():
+            expected = network(((features - mean) / std)[None], mask).logits.softmax(-1)[0]
+            raw = network(features[None], mask).logits.softmax(-1)[0]
+        with h5py.File(run / "predictions" / f"{slide_id}.h5") as file:
+            probabilities = file.attrs["probabilities"]
+        assert np.allclose(probabilities, expected.numpy(), atol=1e-5)
+        assert not np.allclose(probabilities, raw.numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize(("standardize", "fitted"), [("auto", False), ("on", True), ("off", False)])
+def test_standardize_auto_leaves_standardised_features_alone(
+    tmp_path: Path, standardize: str, fitted: bool
+) -> None:
+    cohort = write_witness_cohort(
+        tmp_path / "cohort", n_bags=12, n_tiles=(40, 60), feature_dim=4, shift=0.0,
+        dtype="float32", seed=5,
+    )  # fmt: skip
+    tiles = np.concatenate([read_bag(p).features for p in cohort.features_dir.glob("*.h5")])
+    mean, std = tiles.mean(0), tiles.std(0)
+    for path in cohort.features_dir.glob("*.h5"):
+        with h5py.File(path, "r+") as file:
+            file["features"][...] = (file["features"][()] - mean) / std
+    options = _options(cohort, tmp_path / "fit", "abmil")
+    cli = build_cli(
+        ["fit", *options, "--trainer.max_epochs", "1", "--model.standardize", standardize]
+    )
+    assert cli.model.standardizer.fitted is fitted
