@@ -31,7 +31,7 @@ class DemoPlan:
         size_px: Level-0 size of each slide (0.5 µm/px).
         encoder: timm architecture used with random weights.
         folds: Cross-validation folds of the MIL and regression heads.
-        max_epochs: Epoch limit per fold (early stopping usually ends sooner).
+        max_epochs: Epochs per fold (the learning rate decays to 0 over them).
         heatmaps: Slides to draw heatmaps for.
         pretrain_steps: DINO optimiser steps with ``--pretrain``; None keeps the recipe's.
     """

@@ -1,27 +1,34 @@
 """``milkit cv``: K-fold cross-validation, repeated R times, with one summary of every metric.
 
-Each (repeat r, fold k) trains on its training part with early stopping on its validation
-part (the best checkpoint by ``--monitor``), tests that checkpoint on the held-out fold and
-writes the fold's predictions. Folds come from the labels CSV's ``fold`` column when it has
-one (then every repeat reuses them), else from stratified patient-grouped folds seeded with
-``seed + r``. Each run is seeded with ``seed + r·K + k``, so the whole CV is deterministic.
-The configuration is parsed by the same LightningCLI parser as ``milkit fit`` (``--config``,
-group files, any ``--model.*``/``--data.*``/``--trainer.*`` override).
+Each (repeat r, fold k) trains on the other K - 1 folds for the configured number of epochs
+and tests the final model on the held-out fold (the default recipe decays the learning rate
+to 0, so the final model is the one to use: configs/trainer/cpu.yaml says why). With
+``--monitor val/loss`` (or another validation metric) a validation part is carved out of the
+training folds instead, the best epoch by it is tested, and ``--patience N`` adds early
+stopping. Folds come from the labels CSV's ``fold`` column when it has one (then every repeat
+reuses them), else from patient-grouped folds stratified by label, seeded with ``seed + r``.
+Each run is seeded with ``seed + r·K + k``, so the whole CV is deterministic.
+
+Small cohorts run fast: the bags are read once per CV run and kept in memory when they fit
+(``--data.in_memory``), and small bags train with one intra-op thread
+(:mod:`milkit.training.threads`). The configuration is parsed by the same LightningCLI parser
+as ``milkit fit`` (``--config``, group files, any ``--model.*``/``--data.*``/``--trainer.*``
+override).
 
 Output under ``--out``::
 
-    repeat{r}/fold{k}/           config.yaml, metrics.csv, checkpoints/best.ckpt,
-                                 predictions/<slide_id>.h5, predictions.csv (held-out slides)
+    repeat{r}/fold{k}/           config.yaml, metrics.csv, checkpoints/final.ckpt (best.ckpt
+                                 with --monitor), predictions/<slide_id>.h5, predictions.csv
     cv_summary.json              see below
     cv_summary.md                the table printed at the end
 
 ``cv_summary.json``::
 
-    {"folds": K, "repeats": R, "seed": S, "monitor": "val/loss", "seconds": 93.1,
+    {"folds": K, "repeats": R, "seed": S, "monitor": null, "seconds": 93.1,
      "sd": "sample standard deviation (ddof=1)", "sem": "sd / sqrt(n)",
      "runs": [{"repeat": 0, "fold": 0, "seed": 0, "dir": "repeat0/fold0",
-               "best_checkpoint": "repeat0/fold0/checkpoints/best.ckpt", "epochs": 12,
-               "n_train": 64, "n_val": 16, "n_test": 20, "seconds": 8.2,
+               "checkpoint": "repeat0/fold0/checkpoints/final.ckpt", "epochs": 30,
+               "n_train": 80, "n_val": 0, "n_test": 20, "seconds": 1.2,
                "metrics": {"auroc": 0.97, "accuracy": 0.9, ...}}, ...],
      "metrics": {"auroc": {"values": [...], "mean": 0.96, "sd": 0.02, "sem": 0.006,
                            "n": 10}, ...}}
@@ -34,24 +41,32 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import CSVLogger
 
+from milkit.atomic import atomic_write
+from milkit.data.bags import BAG_MEMORY
+from milkit.data.datamodule import MILDataModule, cohort_bytes
 from milkit.data.labels import read_labels
 from milkit.errors import ConfigError, MilkitError
 from milkit.training.callbacks import PredictionWriter
 from milkit.training.cli import MILCLI, cli_kwargs
+from milkit.training.threads import free_cores, intra_op_threads, small_bags, threads_for_bags
 
 SUMMARY_JSON = "cv_summary.json"
 SUMMARY_MD = "cv_summary.md"
@@ -59,7 +74,14 @@ _REPLACED_CALLBACKS = (EarlyStopping, ModelCheckpoint, PredictionWriter)
 
 
 class CVCLI(MILCLI):
-    """The ``milkit fit`` parser plus the CV options; classes are instantiated per fold."""
+    """The ``milkit fit`` parser plus the CV options; classes are instantiated per fold.
+
+    Attributes:
+        argv: The options it was built from (set by :func:`main`); worker processes rebuild
+            the CLI from them. None: runs stay in this process.
+    """
+
+    argv: list[str] | None = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--folds --repeats --seed --out --monitor --monitor_mode --patience``."""
@@ -68,37 +90,61 @@ class CVCLI(MILCLI):
         parser.add_argument("--repeats", type=int, default=1, help="repeats R of the K folds")
         parser.add_argument("--seed", type=int, default=0, help="seed of splits and training")
         parser.add_argument("--out", type=Path, required=True, help="run folder (new or empty)")
-        parser.add_argument("--monitor", default="val/loss", help="early stopping metric")
+        parser.add_argument(
+            "--monitor",
+            type=str | None,
+            default=None,
+            help="validation metric whose best epoch is tested (e.g. val/loss; needs "
+            "--data.val_fraction > 0); default: test the final model, no validation part",
+        )
         parser.add_argument(
             "--monitor_mode", type=Literal["min", "max"], default="min", help="min or max"
         )
-        parser.add_argument("--patience", type=int, default=5, help="epochs without progress")
+        parser.add_argument(
+            "--jobs",
+            type=int | None,
+            default=None,
+            help="folds trained at once, each in its own process; default: one per free core "
+            "when small bags train on the CPU (one thread each) and the cohort fits in memory "
+            "that many times, else 1",
+        )
+        parser.add_argument(
+            "--patience",
+            type=int | None,
+            default=None,
+            help="with --monitor: stop after this many epochs without progress",
+        )
 
     def instantiate_classes(self) -> None:
         """Nothing at start-up: :meth:`run_cv` instantiates fresh classes for every fold."""
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """A quiet per-fold trainer: CSV logs, early stopping, best checkpoint, predictions."""
+        """A quiet per-fold trainer: CSV logs, predictions, and with ``--monitor`` the best
+        checkpoint (and early stopping with ``--patience``)."""
         config = self.config
         fold_dir = Path(config.trainer.default_root_dir)
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         callbacks = [c for c in configured if not isinstance(c, _REPLACED_CALLBACKS)]
-        callbacks += [
-            EarlyStopping(
-                monitor=config.monitor, mode=config.monitor_mode, patience=config.patience
-            ),
-            ModelCheckpoint(
-                dirpath=fold_dir / "checkpoints",
-                filename="best",
-                monitor=config.monitor,
-                mode=config.monitor_mode,
-                save_top_k=1,
-            ),
-            PredictionWriter(fold_dir),
-        ]
+        monitor = config.monitor
+        if monitor is not None and config.patience is not None:
+            callbacks.append(
+                EarlyStopping(monitor=monitor, mode=config.monitor_mode, patience=config.patience)
+            )
+        if monitor is not None:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=fold_dir / "checkpoints",
+                    filename="best",
+                    monitor=monitor,
+                    mode=config.monitor_mode,
+                    save_top_k=1,
+                )
+            )
+        callbacks.append(PredictionWriter(fold_dir))
         return super().instantiate_trainer(
             callbacks=callbacks,
             logger=CSVLogger(fold_dir, name="", version=""),
+            enable_checkpointing=monitor is not None,  # else one final checkpoint, _run_fold
             enable_progress_bar=False,
             enable_model_summary=False,
             **kwargs,
@@ -115,28 +161,38 @@ class CVCLI(MILCLI):
         """
         base = self.config
         out = Path(base.out).resolve()
-        if base.repeats < 1 or base.patience < 0:
+        if base.repeats < 1 or (base.patience is not None and base.patience < 0):
             raise ConfigError("--repeats must be >= 1 and --patience >= 0.")
+        if base.patience is not None and base.monitor is None:
+            raise ConfigError("--patience stops on a validation metric: give --monitor too.")
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"{out} is not empty; choose a new --out or delete it.")
-        if not base.data.val_fraction > 0:
+        if base.monitor is not None and not base.data.val_fraction > 0:
             raise ConfigError(
-                "cv needs a validation part for early stopping: --data.val_fraction > 0."
+                f"--monitor {base.monitor} needs a validation part: --data.val_fraction > 0."
             )
         fold_ids = self._fold_ids()
-        runs = []
+        if base.monitor is None:
+            print(
+                f"cv: each fold trains {base.trainer.max_epochs} epochs on all its training "
+                "slides and tests the final model (--monitor val/loss: the best epoch on a "
+                "validation part instead)"
+            )
+        plan = [
+            (repeat, fold, base.seed + repeat * len(fold_ids) + position)
+            for repeat in range(base.repeats)
+            for position, fold in enumerate(fold_ids)
+        ]
+        jobs = self._jobs(len(plan))
         start = time.perf_counter()
-        for repeat in range(base.repeats):
-            for position, fold in enumerate(fold_ids):
-                seed = base.seed + repeat * len(fold_ids) + position
-                runs.append(self._run_fold(base, repeat, fold, seed, out))
-                metrics = runs[-1]["metrics"]
-                shown = metrics.get("auroc", metrics.get("r2"))
-                print(
-                    f"cv: repeat {repeat} fold {fold}: {runs[-1]['epochs']} epoch(s), "
-                    f"{runs[-1]['seconds']:.1f} s"
-                    + (f", test {shown:.3f}" if shown is not None else "")
-                )
+        if jobs == 1:
+            runs = []
+            with intra_op_threads(None) as set_threads:
+                for repeat, fold, seed in plan:
+                    runs.append(self._run_fold(base, repeat, fold, seed, out, set_threads))
+                    print(f"cv: repeat {repeat} fold {fold}: {_progress(runs[-1])}")
+        else:
+            runs = self._run_in_processes(plan, jobs, out)
         self.config = base
         summary = summarize(
             runs,
@@ -155,6 +211,54 @@ class CVCLI(MILCLI):
         )
         return summary
 
+    def _jobs(self, n_runs: int) -> int:
+        """``--jobs``, or the default: one process per free core when bags are small and on
+        the CPU and the cohort fits in memory once per process; never more than the runs."""
+        base = self.config
+        if base.jobs is not None and base.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {base.jobs}.")
+        if self.argv is None:  # built from Python without an argv: processes cannot rebuild it
+            return 1
+        if base.jobs is not None:
+            return min(base.jobs, n_runs)
+        if base.trainer.accelerator not in ("cpu", "auto") or torch.cuda.is_available():
+            return 1
+        init_args = {k: v for k, v in base.data.as_dict().items() if not k.startswith("__")}
+        cohort = MILDataModule(**init_args).cohort
+        if not small_bags(cohort.bags):
+            return 1
+        jobs = min(free_cores(), n_runs)
+        while jobs > 1 and cohort_bytes(cohort) * jobs > BAG_MEMORY.max_bytes:
+            jobs -= 1
+        return jobs
+
+    def _run_in_processes(
+        self, plan: list[tuple[int, int, int]], jobs: int, out: Path
+    ) -> list[dict[str, Any]]:
+        """Train the planned runs in ``jobs`` fresh processes (one thread each); each rebuilds
+        this CLI from the same argv, so a run is what it would be in this process."""
+        print(f"cv: {len(plan)} runs in {jobs} processes")
+        argv: list[str] = self.argv or []
+        context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+        with ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_start_worker, initargs=(argv,)
+        ) as pool:
+            futures = {pool.submit(_worker_run, *run): run for run in plan}
+            runs = []
+            for future in as_completed(futures):
+                try:
+                    runs.append(future.result())
+                except BrokenProcessPool as error:
+                    raise ConfigError(
+                        "cv's worker processes died before finishing a fold (out of memory, or "
+                        "a script that calls milkit.training.cv.main without an `if __name__ == "
+                        '"__main__":` guard, which every process re-runs); run with --jobs 1.'
+                    ) from error
+                repeat, fold, _ = futures[future]
+                print(f"cv: repeat {repeat} fold {fold}: {_progress(runs[-1])}")
+        order = {(repeat, fold): i for i, (repeat, fold, _) in enumerate(plan)}
+        return sorted(runs, key=lambda run: order[(run["repeat"], run["fold"])])
+
     def _fold_ids(self) -> list[int]:
         data = self.config.data
         if data.labels_csv is None:
@@ -172,36 +276,54 @@ class CVCLI(MILCLI):
             raise ConfigError(f"--folds must be at least 2, got {self.config.folds}.")
         return list(range(self.config.folds))
 
-    def _run_fold(self, base: Any, repeat: int, fold: int, seed: int, out: Path) -> dict[str, Any]:
+    def _run_fold(
+        self,
+        base: Any,
+        repeat: int,
+        fold: int,
+        seed: int,
+        out: Path,
+        set_threads: Callable[[int | None], None],
+    ) -> dict[str, Any]:
         fold_dir = out / f"repeat{repeat}" / f"fold{fold}"
         config = base.clone()
         config.data.fold = fold
         config.data.n_folds = base.folds
         config.data.split_seed = base.seed + repeat
         config.data.predict_split = "test"
+        if base.monitor is None:
+            config.data.val_fraction = 0.0  # nothing selects on it: train on every slide
         config.trainer.default_root_dir = str(fold_dir)
         self.config = config
         start = time.perf_counter()
         seed_everything(seed, workers=True, verbose=False)
         MILCLI.instantiate_classes(self)
         model, data, trainer = self.model, self.datamodule, self.trainer
+        set_threads(threads_for_bags(data, trainer))
         trainer.fit(model, datamodule=data)
-        best = trainer.checkpoint_callback.best_model_path  # type: ignore[union-attr]
-        if not best:
-            raise ConfigError(f"{fold_dir}: no checkpoint was saved; is {base.monitor} logged?")
-        tested = trainer.test(
-            model, datamodule=data, ckpt_path=best, weights_only=True, verbose=False
-        )
-        trainer.predict(
-            model, datamodule=data, ckpt_path=best, weights_only=True, return_predictions=False
-        )
+        if base.monitor is None:
+            checkpoint = fold_dir / "checkpoints" / "final.ckpt"
+            save_checkpoint(trainer, checkpoint)
+            tested = trainer.test(model, datamodule=data, verbose=False)
+            trainer.predict(model, datamodule=data, return_predictions=False)
+        else:
+            best = trainer.checkpoint_callback.best_model_path  # type: ignore[union-attr]
+            if not best:
+                raise ConfigError(f"{fold_dir}: no checkpoint was saved; is {base.monitor} logged?")
+            checkpoint = Path(best)
+            tested = trainer.test(
+                model, datamodule=data, ckpt_path=best, weights_only=True, verbose=False
+            )
+            trainer.predict(
+                model, datamodule=data, ckpt_path=best, weights_only=True, return_predictions=False
+            )
         split = data.split
         return {
             "repeat": repeat,
             "fold": fold,
             "seed": seed,
             "dir": str(fold_dir.relative_to(out)),
-            "best_checkpoint": str(Path(best).relative_to(out)),
+            "checkpoint": str(checkpoint.relative_to(out)),
             "epochs": trainer.current_epoch,
             "n_train": len(split.train),
             "n_val": len(split.val),
@@ -211,6 +333,20 @@ class CVCLI(MILCLI):
                 key.removeprefix("test/"): _finite(value) for key, value in tested[0].items()
             },
         }
+
+
+def save_checkpoint(trainer: Trainer, path: Path) -> None:
+    """Write the trainer's model (weights and milkit's record, no optimiser state) atomically."""
+    with atomic_write(path) as tmp:
+        trainer.save_checkpoint(tmp, weights_only=True)
+
+
+def _progress(run: dict[str, Any]) -> str:
+    """One run's progress line: epochs, seconds and its headline test metric, named."""
+    metrics = run["metrics"]
+    name = next((n for n in ("auroc", "r2", "accuracy") if metrics.get(n) is not None), None)
+    shown = f", test {name} {metrics[name]:.3f}" if name else ""
+    return f"{run['epochs']} epoch(s), {run['seconds']:.1f} s{shown}"
 
 
 def summarize(runs: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
@@ -285,16 +421,46 @@ def main(argv: list[str]) -> int:
     """
     try:
         with warnings.catch_warnings(), quiet_lightning():
-            # Small cohorts trip Lightning's hints about workers and logging intervals per fold.
-            warnings.filterwarnings("ignore", r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", r".*smaller than the logging interval.*")
-            CVCLI(args=list(argv), run=False, **cli_kwargs("milkit cv")).run_cv()
+            _quiet_warnings()
+            cli = CVCLI(args=list(argv), run=False, **cli_kwargs("milkit cv"))
+            cli.argv = list(argv)
+            cli.run_cv()
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except MilkitError as error:
         print(f"milkit cv: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _quiet_warnings() -> None:
+    """Small cohorts trip Lightning's hints about workers and logging intervals per fold."""
+    warnings.filterwarnings("ignore", r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", r".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", r".*Total length of .* across ranks is zero.*")  # no val
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)")  # Lightning's own
+
+
+#: The CLI a worker process of :meth:`CVCLI._run_in_processes` rebuilt from the argv.
+_WORKER: CVCLI | None = None
+
+
+def _start_worker(argv: list[str]) -> None:
+    """Worker start-up: rebuild the CLI, quiet Lightning, one intra-op thread."""
+    global _WORKER
+    torch.set_num_threads(1)
+    _quiet_warnings()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    _WORKER = CVCLI(args=argv, run=False, **cli_kwargs("milkit cv"))
+
+
+def _worker_run(repeat: int, fold: int, seed: int) -> dict[str, Any]:
+    """One run of the plan, in a worker process."""
+    assert _WORKER is not None, "worker used before _start_worker"
+    base = _WORKER.config
+    with intra_op_threads(1) as set_threads:
+        return _WORKER._run_fold(base, repeat, fold, seed, Path(base.out).resolve(), set_threads)
 
 
 @contextmanager

@@ -44,9 +44,15 @@ def test_cv_writes_per_fold_values_and_statistics(
     cohort: WitnessCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "cv"
-    assert _cv(cohort, out, "--folds", "3", "--repeats", "2") == 0
+    assert _cv(cohort, out, "--folds", "3", "--repeats", "2", "--jobs", "2") == 0
+    printed = capsys.readouterr().out
+    assert "cv: 6 runs in 2 processes" in printed
     summary = json.loads((out / "cv_summary.json").read_text())
     assert (summary["folds"], summary["repeats"], summary["seed"]) == (3, 2, 3)
+    for run in summary["runs"]:  # the final model of each fold, trained on every other fold
+        assert run["epochs"] == 3 and run["n_val"] == 0
+        assert run["n_train"] + run["n_test"] == len(cohort.labels)
+        assert run["checkpoint"] == f"{run['dir']}/checkpoints/final.ckpt"
     assert [(run["repeat"], run["fold"]) for run in summary["runs"]] == [
         (r, k) for r in range(2) for k in range(3)
     ]
@@ -61,17 +67,18 @@ def test_cv_writes_per_fold_values_and_statistics(
         predicted = []
         for fold in range(3):
             run_dir = out / f"repeat{repeat}" / f"fold{fold}"
-            assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+            assert (run_dir / "checkpoints" / "final.ckpt").is_file()
             with open(run_dir / "predictions.csv", newline="") as handle:
                 ids = [row["slide_id"] for row in csv.DictReader(handle)]
             assert sorted(p.stem for p in (run_dir / "predictions").glob("*.h5")) == ids
             predicted += ids
         assert sorted(predicted) == sorted(cohort.labels)  # every slide held out once per repeat
     table = (out / "cv_summary.md").read_text()
-    assert "| auroc |" in table and table.strip() in capsys.readouterr().out
+    assert "| auroc |" in table and table.strip() in printed
 
+    # the same seed in one process gives the very same numbers as two worker processes
     again = tmp_path / "again"
-    assert _cv(cohort, again, "--folds", "3", "--repeats", "1") == 0
+    assert _cv(cohort, again, "--folds", "3", "--repeats", "1", "--jobs", "1") == 0
     repeated = json.loads((again / "cv_summary.json").read_text())
     for name, stats in repeated["metrics"].items():
         assert stats["values"] == summary["metrics"][name]["values"][:3], name
@@ -89,6 +96,38 @@ def test_cv_refuses_a_used_folder_and_a_split_column(
     labels.write_text("\n".join([rows[0] + ",split"] + [r + ",train" for r in rows[1:]]) + "\n")
     assert _cv(cohort, tmp_path / "new", "--data.labels_csv", str(labels)) == 2
     assert "has a split column" in capsys.readouterr().err
+
+
+def test_cv_with_monitor_tests_the_best_epoch_of_a_validation_part(
+    cohort: WitnessCohort, tmp_path: Path
+) -> None:
+    out = tmp_path / "cv"
+    extra = ("--folds", "3", "--jobs", "1", "--monitor", "val/auroc", "--monitor_mode", "max")
+    assert _cv(cohort, out, *extra, "--patience", "1") == 0
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert summary["monitor"] == "val/auroc"
+    for run in summary["runs"]:
+        assert run["n_val"] > 0 and run["checkpoint"] == f"{run['dir']}/checkpoints/best.ckpt"
+        assert (out / run["checkpoint"]).is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--patience", "2"), "--patience stops on a validation metric: give --monitor"),
+        (("--jobs", "0"), "--jobs must be >= 1"),
+        (("--monitor", "val/loss", "--data.val_fraction", "0"), "needs a validation part"),
+    ],
+)
+def test_cv_refuses_options_that_cannot_work(
+    cohort: WitnessCohort,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...],
+    message: str,
+) -> None:
+    assert _cv(cohort, tmp_path / "cv", *extra) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_summary_statistics_skip_undefined_values() -> None:
