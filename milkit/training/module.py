@@ -207,10 +207,10 @@ class MILModule(pl.LightningModule):
             return F.mse_loss(model_value(output).float(), targets.float() / self.target_scale)
         w = self.instance_loss_weight
         logits = model_logits(output).float()
-        loss = (1 - w) * F.cross_entropy(logits, targets, weight=self.loss_weights)
+        loss = (1 - w) * weighted_cross_entropy(logits, targets, self.loss_weights)
         if w > 0:
             instance = critical_instance_logits(_model_tile_scores(output), mask).float()
-            loss = loss + w * F.cross_entropy(instance, targets, weight=self.loss_weights)
+            loss = loss + w * weighted_cross_entropy(instance, targets, self.loss_weights)
         return loss
 
     def setup(self, stage: str) -> None:
@@ -384,6 +384,27 @@ class MILModule(pl.LightningModule):
             return float(value)
         index = int(np.argmax(value)) if isinstance(value, np.ndarray) else int(value)
         return self.class_names[index]
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Cross-entropy with per-class weights, averaged over the batch's bags.
+
+    ``F.cross_entropy(weight=...)`` divides by the batch's summed weights, so with one bag per
+    step (the default) every weight cancels and the classes are not balanced at all; here each
+    bag's loss is scaled by its class's weight and the batch mean is taken.
+
+    Args:
+        logits: ``(B, C)`` class logits.
+        targets: ``(B,)`` class indices.
+        weights: ``(C,)`` class weights (mean 1 over the training bags), or None.
+
+    Returns:
+        The scalar loss.
+    """
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    return (losses * weights[targets]).mean() if weights is not None else losses.mean()
 
 
 def cosine_factor(step: int, total_steps: int) -> float:

@@ -61,8 +61,14 @@ def test_class_weights_enter_the_loss() -> None:
     module.loss_weights = torch.tensor([1.0, 3.0])
     targets = torch.tensor([0, 1, 1])
     output = module(features, mask)
-    expected = F.cross_entropy(output.logits, targets, weight=torch.tensor([1.0, 3.0]))
+    per_bag = F.cross_entropy(output.logits, targets, reduction="none")
+    expected = (per_bag * torch.tensor([1.0, 3.0, 3.0])).mean()
     assert torch.allclose(module.loss(output, mask, targets), expected)
+    # one bag per step, the default: its class weight must still scale its loss (torch's
+    # weighted mean would divide it out again)
+    single = module(features[2:], mask[2:])
+    unweighted = F.cross_entropy(single.logits, targets[2:])
+    assert torch.allclose(module.loss(single, mask[2:], targets[2:]), 3.0 * unweighted)
 
 
 def test_regression_learns_the_scaled_target_and_predicts_in_units() -> None:
