@@ -16,8 +16,10 @@ from milkit.data.bags import BagDataset
 #: At most this many bags are read for the statistics: beyond a few hundred bags of many
 #: tiles each, more add I/O, not precision.
 MAX_STATISTICS_BAGS = 512
-#: "Already standardised" tolerance: every dimension's |mean| and |std - 1| below this.
-NORMALISED_TOLERANCE = 0.1
+#: Features count as on a unit scale when every dimension's |mean| and SD are at most this ...
+UNIT_SCALE = 3.0
+#: ... and the median dimension's SD is at least this.
+MIN_MEDIAN_STD = 0.1
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,15 @@ class FeatureStatistics:
     n_bags: int
 
     @property
-    def normalised(self) -> bool:
-        """Whether the features are already standardised (every dimension's mean within
-        :data:`NORMALISED_TOLERANCE` of 0 and its standard deviation within it of 1)."""
+    def unit_scale(self) -> bool:
+        """Whether the features are on a unit scale already, as a network's normalised outputs
+        (a ViT's embeddings) are: every dimension's |mean| and SD at most :data:`UNIT_SCALE`
+        and the median SD at least :data:`MIN_MEDIAN_STD`. Raw measurements (MUSK's integers
+        in -300..300) are not."""
         return bool(
-            (self.mean.abs() <= NORMALISED_TOLERANCE).all()
-            and ((self.std - 1).abs() <= NORMALISED_TOLERANCE).all()
+            (self.mean.abs() <= UNIT_SCALE).all()
+            and (self.std <= UNIT_SCALE).all()
+            and self.std.median() >= MIN_MEDIAN_STD
         )
 
 

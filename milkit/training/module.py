@@ -3,8 +3,9 @@
 The model is a plain ``nn.Module`` (chosen by ``class_path`` in YAML); this module owns the
 loss, the metrics, the optimiser and what a checkpoint records about itself (docs/design.md §2).
 
-Inputs: every feature dimension is standardised with the training part's statistics before the
-model sees it (``standardize``); the statistics are buffers, so checkpoints carry them. The
+Inputs: features not on a unit scale already (raw measurements, not a ViT's embeddings) are
+standardised per dimension with the training part's statistics before the model sees them
+(``standardize``); the statistics are buffers, so checkpoints carry them. The
 learning rate decays to 0 along a cosine over the run (``lr_decay``): the default recipe
 trains a fixed number of epochs and uses the final model (configs/trainer/cpu.yaml says why).
 
@@ -93,8 +94,12 @@ class MILModule(pl.LightningModule):
             standardize: Standardise every feature dimension to zero mean and unit variance
                 with statistics of the training part's tiles (fitted at the start of ``fit``,
                 saved in checkpoints, applied by ``validate``/``test``/``predict``):
-                ``"auto"`` unless the features already are (every dimension's mean within
-                0.1 of 0 and SD within 0.1 of 1), ``"on"`` always, ``"off"`` never.
+                ``"auto"`` when the features are not on a unit scale already (every
+                dimension's mean and SD within 3, as a ViT's embeddings are; raw measurements
+                are not), ``"on"`` always, ``"off"`` never. Rescaling a network's embeddings
+                dimension by dimension lifts its many weak dimensions to the strength of the
+                few strong ones: on the demo's ViT features that cost 12 points of attention
+                localisation for 10 of bag AUROC (3 seeds).
             optimizer: Optimiser factory (``class_path`` + ``init_args`` in YAML).
             lr_scheduler: Learning-rate scheduler factory, or None for ``lr_decay``.
             lr_decay: Without ``lr_scheduler``: ``"cosine"`` decays the learning rate to 0
@@ -227,7 +232,7 @@ class MILModule(pl.LightningModule):
         if self.standardize == "off" or self.standardizer.fitted or statistics is None:
             return
         training = statistics()
-        if self.standardize == "on" or not training.normalised:
+        if self.standardize == "on" or not training.unit_scale:
             self.standardizer.fit(training.mean, training.std)
 
     def on_train_epoch_start(self) -> None:

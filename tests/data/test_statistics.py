@@ -38,13 +38,14 @@ def test_large_datasets_draw_a_seeded_subset_of_bags(
     assert first.n_bags == 4 and torch.equal(first.mean, again.mean)
 
 
-def test_normalised_only_when_every_dimension_is_near_zero_mean_unit_sd() -> None:
+def test_unit_scale_only_when_every_dimension_is_within_a_few_units() -> None:
     def stats(mean: list[float], std: list[float]) -> FeatureStatistics:
         return FeatureStatistics(torch.tensor(mean), torch.tensor(std), n_tiles=10, n_bags=1)
 
-    assert stats([0.05, -0.05], [1.05, 0.95]).normalised
-    assert not stats([0.05, 0.5], [1.0, 1.0]).normalised
-    assert not stats([0.0, 0.0], [1.0, 3.0]).normalised
+    assert stats([0.5, -2.7, 0.0], [0.13, 1.1, 0.35]).unit_scale  # a random ViT's embeddings
+    assert not stats([0.5, 40.0, 0.0], [1.0, 1.0, 1.0]).unit_scale  # an offset dimension
+    assert not stats([0.0, 0.0, 0.0], [1.0, 80.0, 1.0]).unit_scale  # raw measurements
+    assert not stats([0.0, 0.0, 0.0], [1e-3, 1e-3, 1.0]).unit_scale  # mostly tiny
 
 
 def test_an_empty_dataset_is_refused() -> None:

@@ -211,7 +211,7 @@ def test_standardisation_is_fitted_on_the_training_part_and_applied_by_predict(
 
 
 @pytest.mark.parametrize(("standardize", "fitted"), [("auto", False), ("on", True), ("off", False)])
-def test_standardize_auto_leaves_standardised_features_alone(
+def test_standardize_auto_leaves_unit_scale_features_alone(
     tmp_path: Path, standardize: str, fitted: bool
 ) -> None:
     cohort = write_witness_cohort(
