@@ -27,7 +27,7 @@ Output under ``--out``::
     {"folds": K, "repeats": R, "seed": S, "monitor": null, "seconds": 93.1,
      "sd": "sample standard deviation (ddof=1)", "sem": "sd / sqrt(n)",
      "runs": [{"repeat": 0, "fold": 0, "seed": 0, "dir": "repeat0/fold0",
-               "checkpoint": "repeat0/fold0/checkpoints/final.ckpt", "epochs": 30,
+               "checkpoint": "repeat0/fold0/checkpoints/final.ckpt", "epochs": 20,
                "n_train": 80, "n_val": 0, "n_test": 20, "seconds": 1.2,
                "metrics": {"auroc": 0.97, "accuracy": 0.9, ...}}, ...],
      "metrics": {"auroc": {"values": [...], "mean": 0.96, "sd": 0.02, "sem": 0.006,
@@ -84,7 +84,7 @@ class CVCLI(MILCLI):
     argv: list[str] | None = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add ``--folds --repeats --seed --out --monitor --monitor_mode --patience``."""
+        """Add ``--folds --repeats --seed --out --monitor --monitor_mode --jobs --patience``."""
         super().add_arguments_to_parser(parser)
         parser.add_argument("--folds", type=int, default=5, help="number of folds K")
         parser.add_argument("--repeats", type=int, default=1, help="repeats R of the K folds")

@@ -160,6 +160,7 @@ class MILModule(pl.LightningModule):
         # Sample-weighted means synced by torchmetrics: exact under DDP with uneven shares.
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        self._train_loss_sum, self._train_bags = torch.zeros(()), 0  # reset every epoch
 
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None
