@@ -194,6 +194,13 @@ def _add_preprocess(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="randomly initialised encoder (tests and demos; recorded in the files)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of --random-weights: the same seed gives the same encoder (and features); "
+        "files from another seed are stale and recomputed",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
     parser.add_argument(
         "--num-workers", type=int, default=1, help="DataLoader workers reading tiles"
@@ -239,7 +246,10 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder = load_encoder(
-        args.encoder, pretrained=not args.random_weights, weights_path=args.encoder_weights
+        args.encoder,
+        pretrained=not args.random_weights,
+        weights_path=args.encoder_weights,
+        seed=args.seed,
     )
     tile_summary, feature_summary, errors_path = run_preprocess(
         slides, args.out_dir, encoder, tiling=tiling, extraction=extraction,

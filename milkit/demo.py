@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from milkit.errors import MilkitError
 from milkit.slides.folder import find_slides
@@ -207,8 +206,8 @@ def run_demo(
             encoder = load_encoder(f"local-dir:{dino_dir / 'encoder'}")
             encoder_note = "DINO-pretrained here"
         else:
-            torch.manual_seed(seed)  # the random encoder, and so the features, follow the seed
-            encoder = load_encoder(plan.encoder, pretrained=False)
+            # the random encoder, and so the features, follow the seed
+            encoder = load_encoder(plan.encoder, pretrained=False, seed=seed)
             encoder_note = f"{plan.encoder}, random weights"
         tile_summary, feature_summary, errors = run_preprocess(
             slides, pre_dir, encoder, tiling=tiling,

@@ -16,6 +16,7 @@ gradient), and the subset's tiles alone reach the model, the subsampling and the
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -46,6 +47,8 @@ class BagInfo:
         encoder: The encoder id recorded in the file, if any.
         slide_path: The slide the file came from, if recorded.
         direct: Whether ``features``/``coords`` can be read as stored (else through ``read_bag``).
+        encoder_weights: Which weights the encoder had (e.g. ``"random weights, seed 0"``), when
+            the file records it: two encoders of one name can differ.
     """
 
     slide_id: str
@@ -56,6 +59,7 @@ class BagInfo:
     encoder: str | None
     slide_path: str | None
     direct: bool
+    encoder_weights: str | None = None
 
 
 def probe_bag(path: str | Path) -> BagInfo:
@@ -89,7 +93,35 @@ def _probe(path: Path, size: int, mtime_ns: int) -> BagInfo:
         encoder=str(encoder) if encoder else None,
         slide_path=str(slide_path) if slide_path else None,
         direct=meta.format != "stamp",
+        encoder_weights=weights_identity(meta.attrs.get("encoder_config")),
     )
+
+
+def weights_identity(encoder_config: Any) -> str | None:
+    """A short, readable name for the weights an encoder description records.
+
+    Args:
+        encoder_config: A feature file's ``encoder_config`` attribute (the encoder's
+            ``describe()``, as a mapping or JSON text), or None.
+
+    Returns:
+        E.g. ``"random weights, seed 3"`` or ``"weights sha256 1a2b3c4d5e6f"``; None when
+        nothing is recorded.
+    """
+    if isinstance(encoder_config, str):
+        try:
+            encoder_config = json.loads(encoder_config)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(encoder_config, dict):
+        return None
+    if not encoder_config.get("pretrained", True):
+        seed = encoder_config.get("random_seed")
+        return f"random weights, seed {seed}" if seed is not None else "random weights, unseeded"
+    if encoder_config.get("weights_sha256"):
+        return f"weights sha256 {str(encoder_config['weights_sha256'])[:12]}"
+    hub_id = encoder_config.get("hub_id")
+    return f"weights from {hub_id}" if hub_id else "published weights"
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """A cohort: the labels CSV joined with its feature files, checked as a whole before training.
 
 Problems are collected across both (a slide without a feature file, an unreadable or
-unfinished file, an empty bag, a missing or empty tile subset, feature sizes or encoders that
-differ between files) and raised together with the CSV's line numbers, so one run shows
+unfinished file, an empty bag, a missing or empty tile subset, feature sizes, encoders or
+encoder weights, e.g. two random seeds, that differ between files) and raised together with the CSV's line numbers, so one run shows
 everything to fix.
 """
 
@@ -138,6 +138,7 @@ def load_cohort(
     found = [(row, info) for row, info in zip(rows, bags, strict=True) if info is not None]
     feature_dim = _check_shared(found, "feature_dim", "feature size", problems)
     encoder = _check_shared(found, "encoder", "encoder", problems)
+    _check_shared(found, "encoder_weights", "encoder", problems)  # one name, other weights
     names = None
     if task == "classification" and table is None:
         names = tuple(class_names) if class_names else None  # unlabelled: only what is given

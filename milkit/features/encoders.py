@@ -77,6 +77,7 @@ class Encoder(nn.Module):
         pretrained: False when the weights are random (features are then meaningless).
         weights_sha256: SHA-256 of the local weight file loaded, else None.
         hub_id: Hugging Face repo the weights came from, if any.
+        random_seed: The seed random weights were drawn with; None for loaded weights.
     """
 
     model: Any  # a timm model: forward_features, num_prefix_tokens, pretrained_cfg
@@ -97,6 +98,7 @@ class Encoder(nn.Module):
         pretrained: bool,
         weights_sha256: str | None = None,
         hub_id: str | None = None,
+        random_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -110,6 +112,7 @@ class Encoder(nn.Module):
         self.pretrained = pretrained
         self.weights_sha256 = weights_sha256
         self.hub_id = hub_id
+        self.random_seed = random_seed
         width = int(getattr(model, "head_hidden_size", 0) or getattr(model, "num_features", 0))
         self.embed_dim = 2 * width if pooling == "cls+mean" else width
         device = next(model.parameters()).device
@@ -174,6 +177,7 @@ class Encoder(nn.Module):
             "hub_id": self.hub_id,
             "pretrained": self.pretrained,
             "weights_sha256": self.weights_sha256,
+            "random_seed": self.random_seed,
             "embed_dim": self.embed_dim,
             "input_size": list(self.input_size),
             "mean": list(self.mean),
@@ -189,6 +193,7 @@ def load_encoder(
     pretrained: bool = True,
     weights_path: str | Path | None = None,
     device: str | torch.device = "cpu",
+    seed: int = 0,
 ) -> Encoder:
     """Build a tile encoder from a preset name or any timm model id.
 
@@ -199,6 +204,9 @@ def load_encoder(
         weights_path: Local checkpoint (``.safetensors`` or a torch file of tensors) loaded
             strictly into the architecture instead of published weights.
         device: Device the encoder lives on (``meta`` builds without allocating memory).
+        seed: Seed of random weights (``pretrained=False`` without ``weights_path``): drawn on
+            the CPU, so the same seed gives the same encoder on every device and run; recorded
+            in :meth:`Encoder.describe`, so files from another random encoder are stale.
 
     Returns:
         The encoder in eval mode.
@@ -209,6 +217,7 @@ def load_encoder(
     """
     preset = _find_preset(encoder_id)
     timm_loads = pretrained and weights_path is None
+    random_seed = seed if not pretrained and weights_path is None else None
     if preset is not None:
         if timm_loads and not preset.timm_loadable:
             raise EncoderError(
@@ -221,7 +230,7 @@ def load_encoder(
             timm_id = f"hf-hub:{preset.hub_id}"
         else:
             timm_id, kwargs = preset.architecture, {**preset.arch_kwargs, **kwargs}
-        model = _create(timm_id, timm_loads, kwargs, device)
+        model = _create(timm_id, timm_loads, kwargs, device, random_seed)
         transform: dict[str, Any] = {
             "input_size": preset.input_size,
             "mean": preset.mean,
@@ -232,7 +241,7 @@ def load_encoder(
         hub_id = preset.hub_id
     else:
         _check_timm_id(encoder_id, timm_loads)
-        model = _create(encoder_id, timm_loads, {}, device)
+        model = _create(encoder_id, timm_loads, {}, device, random_seed)
         cfg = timm.data.resolve_model_data_config(model)
         transform = {k: cfg[k] for k in ("mean", "std", "interpolation")}
         transform["input_size"] = tuple(cfg["input_size"][1:])
@@ -252,6 +261,7 @@ def load_encoder(
         pretrained=pretrained or weights_path is not None,
         weights_sha256=sha,
         hub_id=hub_id if timm_loads else None,
+        random_seed=random_seed,
         **transform,
     )
     return encoder.to(device)
@@ -303,15 +313,23 @@ def _check_timm_id(encoder_id: str, pretrained: bool) -> None:
 
 
 def _create(
-    timm_id: str, pretrained: bool, kwargs: Mapping[str, Any], device: str | torch.device
+    timm_id: str,
+    pretrained: bool,
+    kwargs: Mapping[str, Any],
+    device: str | torch.device,
+    random_seed: int | None = None,
 ) -> Any:
     """``timm.create_model`` without a classifier, turning hub failures into EncoderErrors.
 
-    Random builds are created directly on ``device`` (``meta`` allocates nothing); timm loads
-    published weights on the CPU, so those models are moved afterwards.
+    Models are built on the CPU and moved afterwards (timm loads published weights there, and
+    seeded random weights must not depend on the device's generator); ``meta`` builds allocate
+    nothing. A ``random_seed`` seeds the initialisation without touching the caller's RNG.
     """
+    build_on = "meta" if torch.device(device).type == "meta" else "cpu"
     try:
-        with torch.device("cpu" if pretrained else device):
+        with torch.random.fork_rng(devices=[]), torch.device(build_on):
+            if random_seed is not None:
+                torch.default_generator.manual_seed(random_seed)  # the CPU's only
             return timm.create_model(timm_id, pretrained=pretrained, num_classes=0, **kwargs)
     except _HUB_ERRORS as exc:
         raise _hub_error(timm_id, exc) from exc

@@ -222,8 +222,9 @@ def knn_by_slide(
     )
 
 
-def _mean_over_seeds(seeds: Sequence[int], draw: Callable[[], KnnResult]) -> KnnResult:
-    """Mean accuracy and spread of ``draw()`` run once per torch seed; the global RNG is kept.
+def _mean_over_seeds(seeds: Sequence[int], draw: Callable[[int], KnnResult]) -> KnnResult:
+    """Mean accuracy and spread of ``draw(seed)`` run once per seed (torch seeded with it too,
+    for whatever else is random in the draw); the global RNG is kept.
 
     Raises:
         ConfigError: If ``seeds`` is empty.
@@ -237,7 +238,7 @@ def _mean_over_seeds(seeds: Sequence[int], draw: Callable[[], KnnResult]) -> Knn
     for seed in seeds:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            results.append(draw())
+            results.append(draw(seed))
     return KnnResult(
         accuracy=float(np.mean([r.accuracy for r in results])),
         n_train=results[0].n_train,
@@ -272,7 +273,10 @@ def knn_random_init(
         ConfigError: If ``seeds`` is empty.
     """
     return _mean_over_seeds(
-        seeds, lambda: knn_by_slide(load_encoder(encoder_id, pretrained=False), labelled, k=k)
+        seeds,
+        lambda seed: knn_by_slide(
+            load_encoder(encoder_id, pretrained=False, seed=seed), labelled, k=k
+        ),
     )
 
 
@@ -315,8 +319,8 @@ def knn_supervised_reference(
     tiles = collate_tiles([dataset.read(i) for i in range(len(dataset))])
     labels = torch.from_numpy(np.concatenate([y for _, y in train]))
 
-    def draw() -> KnnResult:
-        encoder = load_encoder(encoder_id, pretrained=False, device="cpu")
+    def draw(seed: int) -> KnnResult:
+        encoder = load_encoder(encoder_id, pretrained=False, device="cpu", seed=seed)
         augment = MultiCropAugmentation(
             global_size_px=encoder.input_size[0],
             n_local_crops=0,

@@ -353,3 +353,23 @@ def test_local_dir_without_weights_is_refused(tmp_path: Path) -> None:
     (folder / "model.safetensors").unlink()
     with pytest.raises(EncoderError, match="holds no weights"):
         load_encoder(f"local-dir:{folder}")
+
+
+def test_random_weights_come_from_the_seed_alone() -> None:
+    """Issue #27: one seed, one encoder, whatever the global RNG; the seed is in describe()."""
+    torch.manual_seed(123)
+    first = load_encoder("test_vit", pretrained=False, seed=5)
+    state_after = torch.random.get_rng_state()
+    torch.manual_seed(999)
+    again = load_encoder("test_vit", pretrained=False, seed=5)
+    other = load_encoder("test_vit", pretrained=False, seed=6)
+    torch.manual_seed(123)
+    assert torch.equal(torch.random.get_rng_state(), state_after)  # the caller's RNG untouched
+    same = [torch.equal(a, b) for a, b in zip(_weights(first), _weights(again), strict=True)]
+    differ = [torch.equal(a, c) for a, c in zip(_weights(first), _weights(other), strict=True)]
+    assert all(same) and not all(differ)
+    assert first.describe()["random_seed"] == 5
+
+
+def _weights(encoder: Encoder) -> list[torch.Tensor]:
+    return list(encoder.state_dict().values())

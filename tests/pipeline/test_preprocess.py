@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from milkit.cli import main
-from milkit.errors import EncoderError
+from milkit.data.cohort import load_cohort
+from milkit.errors import EncoderError, FeatureFileError
 from milkit.features.encoders import Encoder, load_encoder
 from milkit.features.extract import ExtractionOptions
 from milkit.features.h5 import file_status
@@ -40,8 +41,7 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_encoder(seed: int = 0) -> Encoder:
-    torch.manual_seed(seed)
-    return load_encoder("test_vit", pretrained=False)
+    return load_encoder("test_vit", pretrained=False, seed=seed)
 
 
 def preprocess(slides: Path, out: Path, encoder: Encoder, **kwargs) -> tuple:
@@ -189,3 +189,41 @@ def test_unknown_encoder_is_a_clear_error(
     )
     assert code == 2
     assert "not-a-model" in capsys.readouterr().err
+
+
+def _cli_preprocess(slides: Path, out: Path, *extra: str) -> int:
+    return main(
+        ["preprocess", str(slides), str(out), "--encoder", "test_vit", "--random-weights",
+         "--mpp", "1.0", "--tile-size", "96", "--num-workers", "0", "--precision", "fp32",
+         "--batch-size", "16", *extra]
+    )  # fmt: skip
+
+
+def test_random_weights_are_seeded_and_another_seed_makes_files_stale(
+    slides: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue #27: the same --seed gives byte-identical features; another seed recomputes
+    instead of skipping; a cohort mixing the two is refused with the files named."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _cli_preprocess(slides, first) == 0
+    assert _cli_preprocess(slides, second) == 0
+    for path in sorted((first / "features").glob("*.h5")):
+        with h5py.File(path) as a, h5py.File(second / "features" / path.name) as b:
+            assert a["features"][()].tobytes() == b["features"][()].tobytes()
+    capsys.readouterr()
+
+    kept = first / "features" / "s0.h5"
+    before = read_bag(kept).features
+    assert _cli_preprocess(slides, first, "--seed", "1") == 0
+    printed = capsys.readouterr().out
+    features_summary = printed[printed.index("milkit features:") :]
+    assert "done       3" in features_summary and "skipped" not in features_summary
+    assert not np.array_equal(read_bag(kept).features, before)  # recomputed with seed 1
+
+    # a cohort of seed-1 files and one seed-0 file is refused, naming the odd file
+    (first / "features" / "s2.h5").write_bytes((second / "features" / "s2.h5").read_bytes())
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\ns0,a\ns1,b\ns2,a\n")
+    with pytest.raises(FeatureFileError, match=r"(?s)line 4: slide 's2': encoder 'random "
+                       r"weights, seed 0' differs from 'random weights, seed 1'.*s2\.h5"):  # fmt: skip
+        load_cohort(first / "features", labels, target="label")
