@@ -115,12 +115,14 @@ class BatchSummary:
     def format(self, *, errors_path: Path | None = None, max_names: int = 5) -> str:
         """The summary as text: one line per outcome, naming a few slides where it helps."""
         total = sum(self.outcomes.values())
-        lines = [f"milkit {self.stage}: {total} slide(s), {self.n_tiles} tile(s)"]
+        lines = [f"milkit {self.stage}: {total} slide(s), {self.n_tiles} new tile(s)"]
         for outcome in OUTCOMES:
             count = self.outcomes[outcome]
             if not count:
                 continue
-            line = f"  {outcome:<10} {count}"
+            # a rerun's finished slides are reused, which "skipped" made read like a failure
+            label = "already done" if outcome == "skipped" else outcome
+            line = f"  {label:<10} {count}"
             if outcome in ("no_tissue", "failed"):
                 names = self.slides_by_outcome[outcome]
                 line += (

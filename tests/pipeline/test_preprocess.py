@@ -217,7 +217,7 @@ def test_random_weights_are_seeded_and_another_seed_makes_files_stale(
     assert _cli_preprocess(slides, first, "--seed", "1") == 0
     printed = capsys.readouterr().out
     features_summary = printed[printed.index("milkit features:") :]
-    assert "done       3" in features_summary and "skipped" not in features_summary
+    assert "done       3" in features_summary and "already done" not in features_summary
     assert not np.array_equal(read_bag(kept).features, before)  # recomputed with seed 1
 
     # a cohort of seed-1 files and one seed-0 file is refused, naming the odd file

@@ -125,7 +125,7 @@ def test_clean_run_exits_zero_and_rerun_skips(tmp_path: Path, capsys) -> None:
     mtime = (out / "coords" / "a.h5").stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0
-    assert "skipped    2" in capsys.readouterr().out
+    assert "already done 2" in capsys.readouterr().out
     assert (out / "coords" / "a.h5").stat().st_mtime_ns == mtime
     # Other options make the old files stale: they are redone, not reused.
     assert main([*args, "--min-tissue", "0.9"]) == 0
