@@ -75,7 +75,7 @@ def plain_cv(features_dir: Path, labels_csv: Path, folds: int, repeats: int) -> 
             y = torch.tensor(targets)
             counts = torch.bincount(y[torch.as_tensor(train)], minlength=2).float()
             class_weights = len(train) / (2 * counts)  # the recipe's balance: loss_weights
-            model = ABMIL(tiles.shape[1], 2, **{k: v for k, v in model_args.items()})
+            model = ABMIL(tiles.shape[1], 2, **model_args)
             optimizer = torch.optim.AdamW(model.parameters(), **optimizer_args)
             total = epochs * len(train)
             schedule = torch.optim.lr_scheduler.LambdaLR(

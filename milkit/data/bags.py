@@ -220,11 +220,6 @@ class BagMemory:
                 self.bytes -= features.nbytes + coords.nbytes
         return bag
 
-    def clear(self) -> None:
-        """Drop every kept bag."""
-        self._bags.clear()
-        self.bytes = 0
-
 
 def memory_budget_bytes() -> int:
     """Bytes of bags a process may keep: a quarter of the machine's memory, at most 16 GiB."""

@@ -2,8 +2,8 @@
 
 Problems are collected across both (a slide without a feature file, an unreadable or
 unfinished file, an empty bag, a missing or empty tile subset, feature sizes, encoders or
-encoder weights, e.g. two random seeds, that differ between files) and raised together with the CSV's line numbers, so one run shows
-everything to fix.
+encoder weights, e.g. two random seeds, that differ between files) and raised together with
+the CSV's line numbers, so one run shows everything to fix.
 """
 
 from __future__ import annotations

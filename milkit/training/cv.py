@@ -192,8 +192,7 @@ class CVCLI(MILCLI):
                     runs.append(self._run_fold(base, repeat, fold, seed, out, set_threads))
                     print(f"cv: repeat {repeat} fold {fold}: {_progress(runs[-1])}")
         else:
-            runs = self._run_in_processes(plan, jobs, out)
-        self.config = base
+            runs = self._run_in_processes(plan, jobs)
         summary = summarize(
             runs,
             folds=len(fold_ids),
@@ -233,7 +232,7 @@ class CVCLI(MILCLI):
         return jobs
 
     def _run_in_processes(
-        self, plan: list[tuple[int, int, int]], jobs: int, out: Path
+        self, plan: list[tuple[int, int, int]], jobs: int
     ) -> list[dict[str, Any]]:
         """Train the planned runs in ``jobs`` fresh processes (one thread each); each rebuilds
         this CLI from the same argv, so a run is what it would be in this process."""
@@ -294,10 +293,13 @@ class CVCLI(MILCLI):
         if base.monitor is None:
             config.data.val_fraction = 0.0  # nothing selects on it: train on every slide
         config.trainer.default_root_dir = str(fold_dir)
-        self.config = config
         start = time.perf_counter()
         seed_everything(seed, workers=True, verbose=False)
-        MILCLI.instantiate_classes(self)
+        self.config = config  # what instantiate_classes reads; base again for the next fold
+        try:
+            MILCLI.instantiate_classes(self)
+        finally:
+            self.config = base
         model, data, trainer = self.model, self.datamodule, self.trainer
         set_threads(threads_for_bags(data, trainer))
         trainer.fit(model, datamodule=data)
@@ -446,12 +448,11 @@ _WORKER: CVCLI | None = None
 
 
 def _start_worker(argv: list[str]) -> None:
-    """Worker start-up: rebuild the CLI, quiet Lightning, one intra-op thread."""
+    """Worker start-up: one intra-op thread per process (the workers share the cores), the
+    warnings quietened as in :func:`main`, the CLI rebuilt."""
     global _WORKER
     torch.set_num_threads(1)
     _quiet_warnings()
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     _WORKER = CVCLI(args=argv, run=False, **cli_kwargs("milkit cv"))
 
 
@@ -459,7 +460,7 @@ def _worker_run(repeat: int, fold: int, seed: int) -> dict[str, Any]:
     """One run of the plan, in a worker process."""
     assert _WORKER is not None, "worker used before _start_worker"
     base = _WORKER.config
-    with intra_op_threads(1) as set_threads:
+    with quiet_lightning(), intra_op_threads(None) as set_threads:
         return _WORKER._run_fold(base, repeat, fold, seed, Path(base.out).resolve(), set_threads)
 
 

@@ -224,6 +224,9 @@ def test_random_weights_are_seeded_and_another_seed_makes_files_stale(
     (first / "features" / "s2.h5").write_bytes((second / "features" / "s2.h5").read_bytes())
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label\ns0,a\ns1,b\ns2,a\n")
-    with pytest.raises(FeatureFileError, match=r"(?s)line 4: slide 's2': encoder 'random "
-                       r"weights, seed 0' differs from 'random weights, seed 1'.*s2\.h5"):  # fmt: skip
+    refusal = (
+        r"(?s)line 4: slide 's2': encoder 'random weights, seed 0' differs from "
+        r"'random weights, seed 1'.*s2\.h5"
+    )
+    with pytest.raises(FeatureFileError, match=refusal):
         load_cohort(first / "features", labels, target="label")
