@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -308,8 +308,10 @@ class BagDataset(Dataset[BagItem]):
     Args:
         bags: The files, as probed by :func:`probe_bag`.
         targets: ``(len(bags),)`` class indices or numbers, or None (prediction).
-        max_tiles: In training, keep a random subset of at most this many tiles per bag
-            (drawn with torch's generator, so ``seed_everything`` fixes it). None keeps all.
+        max_tiles: In training, keep a random subset of at most this many tiles per bag. The
+            subset is drawn from the seed :class:`TrainingDraws` hands with the index
+            (so it does not depend on which worker reads the bag); a plain integer index
+            draws from torch's global generator. None keeps all.
         training: Whether to subsample; evaluation always reads every tile.
         tile_subset: Name of a boolean ``(N,)`` dataset in every feature file; only its
             tiles form the bag (see the module docstring). None keeps every tile.
@@ -348,11 +350,23 @@ class BagDataset(Dataset[BagItem]):
         dtype."""
         return self._read(self.bags[index])[0]
 
-    def __getitem__(self, index: int) -> BagItem:
+    def __getitem__(self, index: int | tuple[int, int]) -> BagItem:
+        """One bag.
+
+        Args:
+            index: The bag's position, or ``(position, seed)`` as :class:`TrainingDraws` yields
+                it: the seed of this item's tile subsample.
+
+        Returns:
+            The bag (a random subset of ``max_tiles`` tiles when training).
+        """
+        index, draw_seed = index if isinstance(index, tuple) else (index, None)
         info = self.bags[index]
         features, coords = self._read(info)
         if self.training and self.max_tiles is not None and len(features) > self.max_tiles:
-            keep = torch.randperm(len(features))[: self.max_tiles].sort().values.numpy()
+            generator = None if draw_seed is None else torch.Generator().manual_seed(draw_seed)
+            permutation = torch.randperm(len(features), generator=generator)
+            keep = permutation[: self.max_tiles].sort().values.numpy()
             features, coords = features[keep], coords[keep]
         return BagItem(
             features=torch.from_numpy(np.ascontiguousarray(features)),
@@ -477,34 +491,110 @@ def collate_bags(items: Sequence[BagItem]) -> BagBatch:
     )
 
 
+class TrainingDraws(Sampler[tuple[int, int]]):
+    """The bags of one training epoch, each with a seed for its own random draws.
+
+    Epoch ``e``'s order and seeds come from one generator seeded by ``(seed, e)`` in the
+    process that iterates the sampler (the main one), so the bags, their order and their tile
+    subsamples are the same whatever the number of DataLoader workers, however often a loader
+    starts an iteration, and when a run resumes at epoch ``e``. Lightning sets the epoch
+    (``set_epoch``); else each iteration is the next epoch.
+
+    Args:
+        n_bags: Number of bags.
+        seed: The run's seed.
+        shuffle: Reorder the bags every epoch (else file order).
+        draw_weights: ``(n_bags,)`` weights: draw ``n_bags`` bags with replacement, in
+            proportion (class-balanced sampling); instead of ``shuffle``.
+    """
+
+    def __init__(
+        self,
+        n_bags: int,
+        seed: int,
+        *,
+        shuffle: bool = True,
+        draw_weights: Sequence[float] | None = None,
+    ) -> None:
+        if draw_weights is not None and len(draw_weights) != n_bags:
+            raise ValueError(f"{len(draw_weights)} draw weights for {n_bags} bags.")
+        self.n_bags = n_bags
+        self.seed = seed
+        self.shuffle = shuffle
+        self.draw_weights = draw_weights
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw epoch ``epoch``'s bags on the next iteration.
+
+        Args:
+            epoch: Zero-based epoch.
+        """
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        seed_words = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2)
+        generator = torch.Generator().manual_seed(int(seed_words.view(np.uint64)[0]))
+        self.epoch += 1
+        if self.draw_weights is not None:
+            weights = torch.as_tensor(self.draw_weights, dtype=torch.float64)
+            order = torch.multinomial(weights, self.n_bags, replacement=True, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(self.n_bags, generator=generator)
+        else:
+            order = torch.arange(self.n_bags)
+        item_seeds = torch.randint(1 << 62, (self.n_bags,), generator=generator)
+        return iter(zip(order.tolist(), item_seeds.tolist(), strict=True))
+
+    def __len__(self) -> int:
+        return self.n_bags
+
+
 def bag_loader(
     dataset: BagDataset,
     *,
     batch_size: int,
     num_workers: int = 0,
     shuffle: bool = False,
+    draw_weights: Sequence[float] | None = None,
     sampler: Sampler | None = None,
+    seed: int | None = None,
 ) -> DataLoader:
     """The DataLoader of padded bag batches every milkit training run uses.
+
+    Its randomness (shuffle, weighted draws, tile subsamples, workers' seeds) comes from
+    generators of its own seeded by ``seed`` (:class:`TrainingDraws`): torch's global
+    generator, which drives the model's dropout, is left alone, and a run is the same with any
+    ``num_workers``.
 
     Args:
         dataset: The bags.
         batch_size: Bags per batch.
         num_workers: Worker processes reading bags (0: in this process); kept alive between
             epochs.
-        shuffle: Reshuffle every epoch (without a ``sampler``).
-        sampler: Order of the bags, e.g. class-balanced or a rank's share under DDP.
+        shuffle: Reshuffle every epoch.
+        draw_weights: ``(len(dataset),)`` weights: draw ``len(dataset)`` bags with replacement
+            every epoch, in proportion (class-balanced sampling); instead of ``shuffle``.
+        sampler: Order of the bags for evaluation, e.g. a rank's share under DDP (instead of
+            the :class:`TrainingDraws` that shuffled, weighted or training loaders use).
+        seed: Seed of the loader's draws; default ``torch.initial_seed()``, the run's seed
+            after ``seed_everything``.
 
     Returns:
         A loader of :class:`BagBatch`.
     """
+    seed = torch.initial_seed() if seed is None else seed
+    if sampler is None and (shuffle or draw_weights is not None or dataset.training):
+        sampler = TrainingDraws(len(dataset), seed, shuffle=shuffle, draw_weights=draw_weights)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_bags,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        # The workers' seeds are drawn from it (not from torch's global generator), once per
+        # epoch without persistent workers and once per run with them.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -6,12 +6,12 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from milkit.data.bags import BAG_MEMORY, BagBatch, BagDataset, bag_loader
 from milkit.data.cohort import Cohort, load_cohort
@@ -214,14 +214,12 @@ class MILDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled training bags (or class-balanced draws with ``balance="sampler"``)."""
         dataset = self._datasets["train"]
-        sampler = None
+        weights = None
         if self.balance == "sampler" and self.task == "classification":
             targets = np.asarray(dataset.targets)
             counts = np.bincount(targets, minlength=self.n_classes)
-            # The sampler takes any tensor-like (torch.as_tensor); its stub says Sequence[float].
-            weights = cast(Sequence[float], torch.from_numpy(1.0 / counts[targets]))
-            sampler = WeightedRandomSampler(weights, num_samples=len(targets), replacement=True)
-        return self._loader(dataset, shuffle=sampler is None, sampler=sampler)
+            weights = (1.0 / counts[targets]).tolist()
+        return self._loader(dataset, shuffle=weights is None, draw_weights=weights)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation bags in file order; an empty list when there is no validation part."""
@@ -315,6 +313,7 @@ class MILDataModule(pl.LightningDataModule):
         dataset: BagDataset,
         *,
         shuffle: bool = False,
+        draw_weights: list[float] | None = None,
         sampler: torch.utils.data.Sampler | None = None,
     ) -> DataLoader:
         return bag_loader(
@@ -322,6 +321,7 @@ class MILDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             num_workers=0 if dataset.in_memory else self.num_workers,
             shuffle=shuffle,
+            draw_weights=draw_weights,
             sampler=sampler,
         )
 

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from milkit.data.bags import BagDataset, BagItem, collate_bags, pad_bags, probe_bag
+from milkit.data.bags import (
+    BagDataset,
+    BagItem,
+    TrainingDraws,
+    collate_bags,
+    pad_bags,
+    probe_bag,
+)
 from milkit.errors import BagBatchError, FeatureFileError
 from milkit.features.tile_file import TileFileWriter
 from milkit.slides.tiling import TileSpec
@@ -87,6 +94,33 @@ def test_subsampling_only_in_training_and_rows_stay_paired(tmp_path: Path) -> No
     assert np.all(np.diff(rows) > 0)  # kept in file order
     small = BagDataset([info], [0], max_tiles=80, training=True)[0]
     assert len(small.features) == 50
+
+
+def test_a_drawn_seed_fixes_the_subsample(tmp_path: Path) -> None:
+    _clam_file(tmp_path / "a.h5", 50)
+    train = BagDataset([probe_bag(tmp_path / "a.h5")], [0], max_tiles=10, training=True)
+    assert torch.equal(train[0, 7].coords, train[0, 7].coords)
+    assert not torch.equal(train[0, 7].coords, train[0, 8].coords)
+
+
+def test_training_draws_follow_the_seed_and_the_epoch() -> None:
+    draws = TrainingDraws(12, seed=5)
+    first = list(draws)  # epoch 0, then each iteration is the next epoch
+    second = list(draws)
+    draws.set_epoch(0)  # Lightning sets it (and a resumed run starts at its epoch)
+    assert list(draws) == first and list(TrainingDraws(12, seed=5)) == first
+    assert first != second and first != list(TrainingDraws(12, seed=6))
+    assert sorted(index for index, _ in first) == list(range(12))  # a shuffle
+    assert len({item_seed for _, item_seed in first}) == 12
+    in_order = [index for index, _ in TrainingDraws(4, seed=5, shuffle=False)]
+    assert in_order == [0, 1, 2, 3] and len(draws) == 12
+
+    weighted = TrainingDraws(3, seed=0, draw_weights=[0.0, 1.0, 3.0])
+    drawn = np.array([index for _ in range(100) for index, _ in weighted])
+    assert len(drawn) == 300 and 0 not in drawn
+    assert 0.2 < np.mean(drawn == 1) < 0.3  # in proportion to the weights
+    with pytest.raises(ValueError, match="2 draw weights for 3 bags"):
+        TrainingDraws(3, seed=0, draw_weights=[1.0, 1.0])
 
 
 def test_handles_are_opened_lazily_and_never_pickled(tmp_path: Path) -> None:

@@ -84,6 +84,21 @@ def test_cv_writes_per_fold_values_and_statistics(
         assert stats["values"] == summary["metrics"][name]["values"][:3], name
 
 
+def test_cv_results_do_not_depend_on_the_number_of_loader_workers(
+    cohort: WitnessCohort, tmp_path: Path
+) -> None:
+    # Bags read from disk (not memory) by worker processes, tile subsamples drawn in training.
+    summaries = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"workers{workers}"
+        extra = ("--folds", "2", "--jobs", "1", "--data.in_memory", "false")
+        extra += ("--data.max_tiles", "5", "--data.num_workers", workers)
+        assert _cv(cohort, out, *extra) == 0
+        summaries.append(json.loads((out / "cv_summary.json").read_text()))
+    for name, stats in summaries[0]["metrics"].items():
+        assert stats["values"] == summaries[1]["metrics"][name]["values"], name
+
+
 def test_cv_refuses_a_used_folder_and_a_split_column(
     cohort: WitnessCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
