@@ -111,6 +111,12 @@ def write_blob_slide(
 
 
 @pytest.fixture
+def write_blob() -> Callable[..., dict[str, np.ndarray]]:
+    """:func:`write_blob_slide`, for test folders whose own conftest shadows this module."""
+    return write_blob_slide
+
+
+@pytest.fixture
 def blob_run(tmp_path: Path) -> dict[str, Any]:
     """A run folder with one PNG slide (0.5 µm/px) and its prediction file: scores = tumour fraction."""
     slide = tmp_path / "slides" / "blob.png"

@@ -40,6 +40,10 @@ from milkit.slides.tiling import TileSpec
 FeatureFormat = Literal["milkit", "clam", "trident", "stamp"]
 CoordsUnit = Literal["level0_px", "um"]
 
+#: Root attribute of a coordinate file from ``milkit tile``: the options it was tiled with
+#: (JSON of :class:`~milkit.pipeline.tile.TilingOptions`, ``slide_mpp`` the scan resolution
+#: the slide was opened at, None for the file's own).
+TILING_OPTIONS_ATTR = "tiling_options"
 #: Root attributes the writer owns; ``extra_attrs`` may not override them.
 RESERVED_ATTRS = frozenset(
     {"milkit_version", "slide_id", "slide_path", "tile_spec", "encoder", "encoder_dim"}

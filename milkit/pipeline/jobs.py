@@ -8,7 +8,7 @@ the slide is extracted. The slide's resolution is the one its tile spec records.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from milkit.features.encoders import Encoder
 from milkit.features.extract import ExtractionOptions, extract_slide
 from milkit.features.h5 import config_hash, file_status
 from milkit.features.tile_file import read_header
-from milkit.pipeline.tile import coords_path
+from milkit.pipeline.tile import TilingOptions, coords_path, tiling_hash
 from milkit.slides.reader import slide_id_from_path
 
 
@@ -57,12 +57,27 @@ class SlideJob:
 
 
 def pending_jobs(
-    slides: Sequence[Path], out_dir: Path, encoder: Encoder, options: ExtractionOptions
+    slides: Sequence[Path],
+    out_dir: Path,
+    encoder: Encoder,
+    options: ExtractionOptions,
+    *,
+    tiling: TilingOptions,
+    mpp_by_slide: Mapping[str, float],
 ) -> tuple[list[SlideJob], list[tuple[str, int]]]:
     """Split tiled slides into those still to extract and those already finished.
 
-    Slides without a finished coordinate file (tiling failed) and slides without tissue are left
-    out: the tiling stage has already recorded them.
+    Slides without a finished coordinate file of this run's tiling (tiling failed: an older
+    file from other options is not used) and slides without tissue are left out: the tiling
+    stage has already recorded them.
+
+    Args:
+        slides: Slides of this shard.
+        out_dir: Output folder.
+        encoder: Tile encoder.
+        options: Extraction options.
+        tiling: This run's tiling options.
+        mpp_by_slide: Scan resolution per slide id (``--mpp-csv``).
 
     Returns:
         ``(jobs, finished)`` where ``finished`` holds ``(slide_id, n_tiles)`` of skipped slides.
@@ -71,7 +86,8 @@ def pending_jobs(
     for slide in slides:
         slide_id = slide_id_from_path(slide)
         coords_file = coords_path(out_dir, slide_id)
-        if file_status(coords_file) != "complete":
+        tiled = tiling_hash(tiling, mpp_by_slide.get(slide_id))
+        if file_status(coords_file, config_hash=tiled) != "complete":
             continue
         header = read_header(coords_file)
         if header.n_tiles == 0:

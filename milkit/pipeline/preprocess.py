@@ -66,7 +66,9 @@ def run_preprocess(
             shard=shard, progress=bar.update, errors=errors,
         )  # fmt: skip
     remove_stale_tmp_files(out_dir / "features")
-    jobs, finished = pending_jobs(slides, out_dir, encoder, extraction)
+    jobs, finished = pending_jobs(
+        slides, out_dir, encoder, extraction, tiling=tiling, mpp_by_slide=mpp_by_slide
+    )
     summary = BatchSummary(stage="features")
     for slide_id, n_tiles in finished:
         summary.add(slide_id, "skipped", n_tiles)

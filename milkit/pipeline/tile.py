@@ -12,11 +12,12 @@ For each slide it writes, under ``OUT_DIR``:
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from milkit.errors import ConfigError
 from milkit.features.h5 import config_hash, file_status, remove_stale_tmp_files
-from milkit.features.tile_file import write_coords_file
+from milkit.features.tile_file import TILING_OPTIONS_ATTR, write_coords_file
 from milkit.pipeline.batch import BatchSummary, ErrorLog, shard_suffix
 from milkit.slides.overlay import draw_overlay, save_mask_png, save_png
 from milkit.slides.reader import open_slide, slide_id_from_path
@@ -89,6 +90,27 @@ def coords_path(out_dir: Path, slide_id: str) -> Path:
     return out_dir / "coords" / f"{slide_id}.h5"
 
 
+#: ``milkit tile``/``preprocess`` flag of each option a command line can set.
+_FLAGS = (
+    ("target_mpp", "--mpp"),
+    ("tile_size_px", "--tile-size"),
+    ("overlap_px", "--overlap"),
+    ("min_tissue", "--min-tissue"),
+    ("mpp_tolerance", "--mpp-tolerance"),
+    ("slide_mpp", "--slide-mpp"),
+)
+
+
+def slide_tiling_options(options: TilingOptions, slide_mpp: float | None) -> dict[str, Any]:
+    """The options one slide is tiled with: the run's, its scan resolution override resolved.
+
+    Args:
+        options: Tiling options of the run.
+        slide_mpp: The slide's own override (``--mpp-csv``), if any.
+    """
+    return {**asdict(options), "slide_mpp": options.slide_mpp_for(slide_mpp)}
+
+
 def tiling_hash(options: TilingOptions, slide_mpp: float | None) -> str:
     """Hash of the options that change a slide's tiles (the per-slide mpp override included).
 
@@ -96,8 +118,53 @@ def tiling_hash(options: TilingOptions, slide_mpp: float | None) -> str:
         options: Tiling options.
         slide_mpp: The slide's own override (``--mpp-csv``), if any.
     """
-    resolved = options.slide_mpp_for(slide_mpp)
-    return config_hash({**asdict(options), "slide_mpp": resolved, "stage": "tile"})
+    return config_hash({**slide_tiling_options(options, slide_mpp), "stage": "tile"})
+
+
+def tiling_flags(recorded: Mapping[str, Mapping[str, Any]], mpp_csv: Path) -> tuple[list[str], int]:
+    """Command-line options that tile slides again exactly as their coordinate files record
+    (so ``milkit tile``/``preprocess`` finds them done instead of redoing or failing them).
+
+    Args:
+        recorded: Slide id -> the tiling options its coordinate file records
+            (:data:`~milkit.features.tile_file.TILING_OPTIONS_ATTR`).
+        mpp_csv: Where to write a ``slide_id,mpp`` CSV when the slides were opened at
+            different scan resolutions (``--mpp-csv``); untouched otherwise.
+
+    Returns:
+        The flags (``--mpp`` and ``--tile-size`` always, the others when not the default),
+        and how many slides were tiled with other options than the first (those would be
+        tiled again).
+    """
+    names = {option.name for option in fields(TilingOptions)}
+    by_slide = {
+        slide_id: TilingOptions(**{k: v for k, v in options.items() if k in names})
+        for slide_id, options in recorded.items()
+    }
+    first = next(iter(by_slide.values()))
+    n_other = sum(
+        replace(o, slide_mpp=None) != replace(first, slide_mpp=None) for o in by_slide.values()
+    )
+    scan_mpps = {options.slide_mpp for options in by_slide.values()}
+    common = first if len(scan_mpps) == 1 else replace(first, slide_mpp=None)
+    defaults = TilingOptions()
+    flags: list[str] = []
+    for name, flag in _FLAGS:
+        value = getattr(common, name)
+        if value is not None and (
+            name in ("target_mpp", "tile_size_px") or value != getattr(defaults, name)
+        ):
+            flags += [flag, str(value)]  # repr of a float reads back as the same float
+    if len(scan_mpps) > 1:
+        rows = [
+            (slide_id, o.slide_mpp) for slide_id, o in by_slide.items() if o.slide_mpp is not None
+        ]
+        with mpp_csv.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["slide_id", "mpp"])
+            writer.writerows(rows)
+        flags += ["--mpp-csv", str(mpp_csv)]
+    return flags, n_other
 
 
 def tile_slide(
@@ -162,6 +229,7 @@ def tile_slide(
             slide_path=str(Path(slide_path).resolve()),
             config_hash=tiling_hash(options, slide_mpp),
             extra_attrs={
+                TILING_OPTIONS_ATTR: json.dumps(slide_tiling_options(options, slide_mpp)),
                 "tissue_threshold": float(detection.threshold),
                 "thumbnail_downsample": float(thumbnail_downsample),
             },
@@ -296,4 +364,5 @@ __all__ = [
     "read_mpp_csv",
     "run_tiling",
     "tile_slide",
+    "tiling_flags",
 ]

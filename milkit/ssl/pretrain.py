@@ -40,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from milkit.errors import ConfigError, MilkitError
 from milkit.features.extract import cpu_supports_bf16
+from milkit.pipeline.tile import tiling_flags
 from milkit.ssl.data import TileDataHParams, TileDataModule
 from milkit.ssl.dino_module import DINOModule
 from milkit.ssl.export import export_backbone
@@ -184,26 +185,35 @@ class PretrainCLI(LightningCLI):
         return path
 
 
-def _next_command(datamodule: TileDataModule, encoder_dir: Path) -> str:
+def _next_command(datamodule: TileDataModule, encoder_dir: Path, run_dir: Path) -> str:
     """The ``milkit preprocess`` command that extracts features with the exported encoder.
 
-    It reuses the training tiles' resolution and size, and their tiling folder as output.
+    It tiles as the training tiles were tiled (the options their coordinate files record,
+    scan resolutions given by ``--slide-mpp`` or ``--mpp-csv`` included, so the tiles are
+    found done), into their tiling folder. Slides opened at different scan resolutions get
+    ``RUN_DIR/slide_mpp.csv``.
     """
     slides = datamodule.slides
-    spec = slides[0].tile_spec
     hp = cast(TileDataHParams, datamodule.hparams)
     slides_dir = hp.slides_dir or os.path.commonpath([str(s.slide_path.parent) for s in slides])
+    recorded = {s.slide_id: s.tiling_options for s in slides if s.tiling_options is not None}
+    if recorded:
+        flags, n_other = tiling_flags(recorded, run_dir.resolve() / "slide_mpp.csv")
+    else:  # coordinate files from before milkit recorded its options: the tile geometry
+        spec = slides[0].tile_spec
+        flags, n_other = ["--mpp", str(spec.target_mpp), "--tile-size", str(spec.tile_size_px)], 0
+        flags += ["--overlap", str(spec.overlap_px)] if spec.overlap_px else []
     words = [
         "milkit", "preprocess",
         str(Path(slides_dir).resolve()),
         str(Path(hp.coords_dir).resolve().parent),
         "--encoder", f"local-dir:{encoder_dir.resolve()}",
-        "--mpp", f"{spec.target_mpp:g}",
-        "--tile-size", str(spec.tile_size_px),
+        *flags,
     ]  # fmt: skip
-    if spec.overlap_px:
-        words += ["--overlap", str(spec.overlap_px)]
-    return shlex.join(words)
+    command = shlex.join(words)
+    if n_other:
+        command += f"\n  ({n_other} slide(s) were tiled with other options: it tiles them again)"
+    return command
 
 
 def run_pretraining(cli: PretrainCLI) -> Path | None:
@@ -237,7 +247,7 @@ def run_pretraining(cli: PretrainCLI) -> Path | None:
         f"({tiles / max(done.seconds, 1e-9):.1f} tiles/s)\n"
         f"  checkpoint: {last}\n"
         f"  encoder:    {encoder_dir} (timm local-dir)\n"
-        f"next: {_next_command(datamodule, encoder_dir)}"
+        f"next: {_next_command(datamodule, encoder_dir, cli.out_dir)}"
     )
     return encoder_dir
 

@@ -9,6 +9,7 @@ through a small per-process LRU cache of open slide handles. No tile image is wr
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
 from milkit.errors import ConfigError, FeatureFileError
-from milkit.features.tile_file import read_coords
+from milkit.features.tile_file import TILING_OPTIONS_ATTR, read_coords
 from milkit.slides.folder import find_slides
 from milkit.slides.reader import SlideReader, open_slide, slide_id_from_path
 from milkit.slides.tiling import TileSpec, read_tile
@@ -38,12 +39,15 @@ class SlideTiles:
         slide_path: The slide to read from.
         tile_spec: Geometry of the tiles (level, read size, output size).
         coords_level0: ``(N, 2)`` int64 top-left ``(x, y)`` in level-0 pixels.
+        tiling_options: The ``milkit tile`` options the coordinate file records (files
+            written before milkit recorded them: None).
     """
 
     slide_id: str
     slide_path: Path
     tile_spec: TileSpec
     coords_level0: np.ndarray
+    tiling_options: dict[str, Any] | None = None
 
 
 def _slides_by_id(slides_dir: Path) -> dict[str, list[Path]]:
@@ -113,8 +117,15 @@ def find_slide_tiles(
         else:
             missing.append(f"{slide_id} (recorded path {recorded!r})")
             continue
+        recorded_options = tiles.attrs.get(TILING_OPTIONS_ATTR)
         found.append(
-            SlideTiles(slide_id, slide_path, spec, np.asarray(tiles.coords, dtype=np.int64))
+            SlideTiles(
+                slide_id,
+                slide_path,
+                spec,
+                np.asarray(tiles.coords, dtype=np.int64),
+                json.loads(recorded_options) if recorded_options else None,
+            )
         )
     if missing:
         where = f"in {slides_dir} or " if slides_dir is not None else ""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -230,3 +232,25 @@ def test_random_weights_are_seeded_and_another_seed_makes_files_stale(
     )
     with pytest.raises(FeatureFileError, match=refusal):
         load_cohort(first / "features", labels, target="label")
+
+
+def test_preprocess_extracts_no_features_from_another_tiling(
+    tmp_path: Path, write_blob: Callable[..., Any]
+) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_blob(slides / "scan.png", size=(400, 300))
+    out = tmp_path / "out"
+    assert main(["tile", str(slides), str(out), "--slide-mpp", "0.5", "--tile-size", "64"]) == 0
+    args = [
+        "preprocess",
+        str(slides),
+        str(out),
+        "--tile-size",
+        "64",
+        "--encoder",
+        "vit_tiny_patch16_224",
+    ]
+    assert main([*args, "--random-weights"]) == 1  # no --slide-mpp this time: tiling fails
+    assert "MissingMppError" in (out / "errors.csv").read_text()
+    assert not (out / "features" / "scan.h5").exists()  # not from the coordinates of before

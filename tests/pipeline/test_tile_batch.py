@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from milkit.cli import main
+from milkit.cli import _tiling_job, build_parser, main
 from milkit.errors import ConfigError
 from milkit.features.h5 import file_status
 from milkit.features.tile_file import read_coords
 from milkit.pipeline.batch import parse_shard, take_shard
+from milkit.pipeline.tile import TilingOptions, slide_tiling_options, tiling_flags, tiling_hash
 from milkit.slides.folder import find_slides
 
 
@@ -179,3 +180,24 @@ def test_shards_are_disjoint_and_cover_the_list(tmp_path: Path) -> None:
     assert sorted(p for shard in shards for p in shard) == slides
     with pytest.raises(ConfigError, match="I/N"):
         parse_shard("3/3")
+
+
+def test_tiling_flags_read_back_as_the_recorded_options(tmp_path: Path) -> None:
+    options = TilingOptions(target_mpp=0.25, tile_size_px=256, overlap_px=16, min_tissue=0.1)
+    for scan_mpp in (None, 0.2125):  # the file's own resolution, or one --slide-mpp for all
+        recorded = {s: slide_tiling_options(options, scan_mpp) for s in ("a", "b")}
+        flags, n_other = tiling_flags(recorded, tmp_path / "unused.csv")
+        assert n_other == 0 and ("--slide-mpp" in flags) == (scan_mpp is not None)
+        args = build_parser().parse_args(["tile", str(tmp_path), "O", *flags])
+        parsed, _, _, per_slide = _tiling_job(args)
+        assert per_slide is None and tiling_hash(parsed, None) == tiling_hash(options, scan_mpp)
+    assert not (tmp_path / "unused.csv").exists()
+
+    other = {"c": slide_tiling_options(TilingOptions(min_tissue=0.9), None)}
+    assert tiling_flags({**recorded, **other}, tmp_path / "mpp.csv")[1] == 1
+    assert "--mpp-csv" in tiling_flags({**recorded, **other}, tmp_path / "mpp.csv")[0]
+    assert (tmp_path / "mpp.csv").read_text().splitlines() == [
+        "slide_id,mpp",
+        "a,0.2125",
+        "b,0.2125",
+    ]

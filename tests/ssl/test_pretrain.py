@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import shlex
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
+from milkit import cli
 from milkit.features.encoders import load_encoder
+from milkit.features.tile_file import read_bag, read_coords
 from milkit.pipeline.tile import TilingOptions, tile_slide
 from milkit.ssl import pretrain
 from milkit.ssl.augment import ViewAugmentation
@@ -32,12 +37,13 @@ def tiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _tiny_args(root: Path, run: Path, max_steps: int) -> list[str]:
-    """The CPU recipe, shrunk further so a run takes seconds."""
+def _tiny_args(root: Path, run: Path, max_steps: int, tiles: str = "tiles") -> list[str]:
+    """The CPU recipe, shrunk further so a run takes seconds (tiles of ``root/slides`` in
+    ``root/<tiles>/coords``)."""
     return [
         "--config", str(CONFIGS / "dino_tiny_cpu.yaml"),
         "--data.slides_dir", str(root / "slides"),
-        "--data.coords_dir", str(root / "tiles" / "coords"),
+        "--data.coords_dir", str(root / tiles / "coords"),
         "--out", str(run),
         "--data.batch_size", "4", "--data.num_workers", "0", "--data.max_tiles_per_slide", "8",
         "--data.global_size_px", "32", "--data.local_size_px", "16", "--data.n_local_crops", "2",
@@ -142,6 +148,38 @@ def test_pretrain_checkpoints_resumes_and_exports_a_loadable_encoder(
     assert f"resuming from {last}" in captured.err
     assert "this run 1 steps" in captured.out
     assert torch.load(last, weights_only=True)["global_step"] == 3
+
+
+def test_the_printed_next_command_runs_as_printed_on_slides_without_mpp(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], write_blob: Callable[..., Any]
+) -> None:
+    # PNG scans record no resolution: tiled with --slide-mpp, one of them through --mpp-csv.
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for index in range(3):
+        write_blob(slides / f"scan{index}.png", size=(400, 300), seed=index)
+    out = tmp_path / "out"
+    (tmp_path / "mpp.csv").write_text("slide_id,mpp\nscan2,0.4\n")
+    tiling = ["--slide-mpp", "0.5", "--mpp", "0.5", "--tile-size", "64", "--min-tissue", "0.5"]
+    assert (
+        cli.main(["tile", str(slides), str(out), *tiling, "--mpp-csv", str(tmp_path / "mpp.csv")])
+        == 0
+    )
+    run = tmp_path / "run"
+    assert pretrain.main(_tiny_args(tmp_path, run, max_steps=1, tiles="out")) == 0
+    (next_line,) = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("next: ")
+    ]
+    words = shlex.split(next_line.removeprefix("next: "))
+    assert words[:2] == ["milkit", "preprocess"] and "--min-tissue" in words
+    assert words[words.index("--mpp-csv") + 1] == str(run.resolve() / "slide_mpp.csv")
+
+    assert cli.main(words[1:]) == 0  # as printed: the tiles are found done, features extracted
+    printed = capsys.readouterr().out
+    assert "already done 3" in printed
+    for index in range(3):
+        features = read_bag(out / "features" / f"scan{index}.h5")
+        assert len(features.coords) == len(read_coords(out / "coords" / f"scan{index}.h5").coords)
 
 
 def test_pretrain_errors_name_the_option(
