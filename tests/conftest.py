@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from milkit.features.tile_file import write_coords_file
 from milkit.slides.reader import open_slide
 from milkit.slides.tiling import TileSpec, plan_tile_spec
 from milkit.slides.tissue import grid_coords
@@ -108,6 +109,24 @@ def write_blob_slide(
     image[tumour & tissue] = (140, 80, 160)
     Image.fromarray(image).save(path)
     return {"tissue": tissue, "tumour": tumour & tissue}
+
+
+def write_tileless_coords(coords_dir: Path, slide_id: str) -> Path:
+    """The coordinate file ``milkit tile`` writes for a slide where it finds no tissue."""
+    spec = TileSpec(
+        target_mpp=0.5, tile_size_px=224, overlap_px=0, level=0, level_mpp=0.5, read_size_px=224,
+        tile_size_level0=224, stride_level0=224, slide_mpp=0.5, effective_mpp=0.5,
+    )  # fmt: skip
+    return write_coords_file(
+        coords_dir / f"{slide_id}.h5", np.zeros((0, 2), np.int64), tile_spec=spec,
+        slide_dimensions=(1000, 1000), slide_id=slide_id, slide_path=f"/slides/{slide_id}.svs",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def write_tileless() -> Callable[[Path, str], Path]:
+    """:func:`write_tileless_coords`, for test folders whose own conftest shadows this module."""
+    return write_tileless_coords
 
 
 @pytest.fixture

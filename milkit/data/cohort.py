@@ -4,6 +4,11 @@ Problems are collected across both (a slide without a feature file, an unreadabl
 unfinished file, an empty bag, a missing or empty tile subset, feature sizes, encoders or
 encoder weights, e.g. two random seeds, that differ between files) and raised together with
 the CSV's line numbers, so one run shows everything to fix.
+
+A slide without tiles (no tissue found: its feature file holds none, or, in a ``milkit
+preprocess`` folder, its coordinate file holds none and no feature file was written) is left
+out and named in :attr:`Cohort.left_out`, so a labels CSV straight from a scanner's export
+works; ``strict`` makes it a problem instead.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from milkit.data.labels import (
     read_labels,
 )
 from milkit.errors import FeatureFileError, LabelsError
+from milkit.features.h5 import file_status
+from milkit.features.tile_file import read_header
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class Cohort:
         feature_dim: The feature length D shared by every file.
         encoder: The encoder id the files record (None if they record none).
         labels: The checked labels CSV, or None for a folder of unlabelled files.
+        left_out: Rows of slides without tiles, not in ``rows``.
     """
 
     rows: tuple[SlideLabel, ...]
@@ -50,6 +58,21 @@ class Cohort:
     feature_dim: int
     encoder: str | None
     labels: LabelTable | None
+    left_out: tuple[SlideLabel, ...] = ()
+
+    def left_out_line(self) -> str | None:
+        """One line naming the slides left out for having no tiles; None when there are none."""
+        if not self.left_out:
+            return None
+        where = f" of {self.labels.path}" if self.labels is not None else ""
+        slides = ", ".join(
+            f"{row.slide_id} (line {row.line})" if row.line else row.slide_id
+            for row in self.left_out
+        )
+        return (
+            f"left out {len(self.left_out)} slide(s){where} without tiles (no tissue found): "
+            f"{slides}; --data.strict true refuses them instead"
+        )
 
     def targets(self) -> list[int | float] | None:
         """Class indices (classification) or numbers (regression) per row; None if unlabelled."""
@@ -70,6 +93,7 @@ def load_cohort(
     class_names: Sequence[str] | None = None,
     target_range: tuple[float, float] | None = None,
     tile_subset: str | None = None,
+    strict: bool = False,
 ) -> Cohort:
     """Read the labels, find and probe every slide's feature file, and check them together.
 
@@ -83,6 +107,7 @@ def load_cohort(
         target_range: Inclusive bounds for regression targets.
         tile_subset: Name of a boolean ``(N,)`` dataset every feature file must hold with at
             least one True tile (e.g. a tumour-bed mask); None to use every tile.
+        strict: Make a slide without tiles a problem instead of leaving it out.
 
     Returns:
         The checked cohort.
@@ -117,11 +142,17 @@ def load_cohort(
         rows = table.rows
     label_problem = bool(problems)
     bags: list[BagInfo | None] = []
+    left_out: list[SlideLabel] = []
     for row in rows:
         path = features_dir / f"{row.slide_id}.h5"
         if not path.is_file():
-            problems.add(row.line, f"slide {row.slide_id!r} has no feature file ({path})")
-            label_problem = True
+            tiled_empty = _tiled_without_tiles(features_dir, row.slide_id)
+            if tiled_empty and not strict:
+                left_out.append(row)
+            else:
+                why = " (its tiling found no tissue)" if tiled_empty else ""
+                problems.add(row.line, f"slide {row.slide_id!r} has no feature file ({path}){why}")
+                label_problem = True
             bags.append(None)
             continue
         try:
@@ -130,12 +161,22 @@ def load_cohort(
             problems.add(row.line, f"slide {row.slide_id!r}: {error}")
             bags.append(None)
             continue
+        if info.n_tiles == 0 and not strict:
+            left_out.append(row)
+            bags.append(None)
+            continue
         if info.n_tiles == 0:
             problems.add(row.line, f"slide {row.slide_id!r}: empty bag, {path} has no tiles")
         elif tile_subset is not None:
             _check_tile_subset(row, info, tile_subset, problems)
         bags.append(info)
+    if rows and len(left_out) == len(rows):
+        raise FeatureFileError(
+            f"{features_dir}: none of the cohort's {len(rows)} slides has tiles (no tissue "
+            "found); check the tiling's thumbnails and --min-tissue."
+        )
     found = [(row, info) for row, info in zip(rows, bags, strict=True) if info is not None]
+    kept = tuple(row for row, _ in found)  # every row but those left out, once nothing failed
     feature_dim = _check_shared(found, "feature_dim", "feature size", problems)
     encoder = _check_shared(found, "encoder", "encoder", problems)
     _check_shared(found, "encoder_weights", "encoder", problems)  # one name, other weights
@@ -143,21 +184,29 @@ def load_cohort(
     if task == "classification" and table is None:
         names = tuple(class_names) if class_names else None  # unlabelled: only what is given
     elif task == "classification":
-        names = _class_names(rows, class_names, problems)
+        names = _class_names(kept, class_names, problems)
         label_problem |= names is None
     problems.raise_if_any(
         LabelsError if label_problem else FeatureFileError,
         f"Fix the labels CSV or re-extract the listed feature files in {features_dir}.",
     )
     return Cohort(
-        rows=rows,
-        bags=tuple(info for info in bags if info is not None),
+        rows=kept,
+        bags=tuple(info for _, info in found),
         task=task,
         class_names=names,
         feature_dim=int(feature_dim),
         encoder=encoder,
         labels=table,
+        left_out=tuple(left_out),
     )
+
+
+def _tiled_without_tiles(features_dir: Path, slide_id: str) -> bool:
+    """Whether a ``milkit preprocess`` folder (``OUT/features``, ``OUT/coords``) holds a
+    finished coordinate file of the slide with no tiles: no feature file is written then."""
+    coords = features_dir.parent / "coords" / f"{slide_id}.h5"
+    return file_status(coords) == "complete" and read_header(coords).n_tiles == 0
 
 
 def _check_shared(

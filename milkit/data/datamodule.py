@@ -51,6 +51,7 @@ class MILDataModule(pl.LightningDataModule):
         tile_subset: str | None = None,
         predict_split: SplitName = "all",
         in_memory: bool | None = None,
+        strict: bool = False,
     ) -> None:
         """Configure the data.
 
@@ -84,6 +85,8 @@ class MILDataModule(pl.LightningDataModule):
                 datamodule of the process (a cross-validation reads each file once), and read
                 them without worker processes. None (default): when the cohort's features fit
                 in a quarter of the machine's memory (at most 16 GiB).
+            strict: Refuse slides without tiles (no tissue found) instead of leaving them out
+                with one line on the terminal.
         """
         super().__init__()
         if batch_size < 1 or num_workers < 0 or (max_tiles is not None and max_tiles < 1):
@@ -110,6 +113,7 @@ class MILDataModule(pl.LightningDataModule):
         self.tile_subset = tile_subset
         self.predict_split = predict_split
         self.given_in_memory = in_memory
+        self.strict = strict
         self._cohort: Cohort | None = None
         self._split: Split | None = None
         self._datasets: dict[str, BagDataset] = {}
@@ -126,6 +130,7 @@ class MILDataModule(pl.LightningDataModule):
                 class_names=self.given_class_names,
                 target_range=(0.0, self.target_scale) if self.task == "regression" else None,
                 tile_subset=self.tile_subset,
+                strict=self.strict,
             )
         return self._cohort
 

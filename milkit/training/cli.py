@@ -59,11 +59,32 @@ class MILCLI(LightningCLI):
         self.config = parser.parse_args(args)
 
     def before_fit(self) -> None:
-        """Train small bags on the CPU with one intra-op thread (:mod:`milkit.training.threads`)."""
+        """Name the slides left out; train small bags on the CPU with one intra-op thread
+        (:mod:`milkit.training.threads`)."""
+        self.report_left_out()
         self._threads_before = torch.get_num_threads()
         threads = threads_for_bags(self.datamodule, self.trainer)
         if threads is not None:
             torch.set_num_threads(threads)
+
+    def before_validate(self) -> None:
+        """Name the slides left out of the cohort."""
+        self.report_left_out()
+
+    def before_test(self) -> None:
+        """Name the slides left out of the cohort."""
+        self.report_left_out()
+
+    def before_predict(self) -> None:
+        """Name the slides left out of the cohort."""
+        self.report_left_out()
+
+    def report_left_out(self) -> None:
+        """Print one line naming the slides without tiles the cohort left out, if any."""
+        cohort = getattr(self.datamodule, "cohort", None)
+        line = cohort.left_out_line() if cohort is not None else None
+        if line is not None and self.trainer.is_global_zero:
+            print(f"milkit {self.subcommand}: {line}", file=sys.stderr)
 
     def after_fit(self) -> None:
         """Give the process its thread count back (``fit`` may run inside a longer program)."""

@@ -25,6 +25,8 @@ Output under ``--out``::
 ``cv_summary.json``::
 
     {"folds": K, "repeats": R, "seed": S, "monitor": null, "seconds": 93.1,
+     "left_out": [{"slide_id": "glass_only", "line": 7}],
+     "left_out_note": "left out 1 slide(s) of labels.csv without tiles ...",
      "sd": "sample standard deviation (ddof=1)", "sem": "sd / sqrt(n)",
      "runs": [{"repeat": 0, "fold": 0, "seed": 0, "dir": "repeat0/fold0",
                "checkpoint": "repeat0/fold0/checkpoints/final.ckpt", "epochs": 20,
@@ -34,6 +36,8 @@ Output under ``--out``::
                            "n": 10}, ...}}
 
 Metric names are the test metrics without the ``test/`` prefix; non-finite values are null.
+Slides without tiles are left out of every fold (``left_out``, with the labels CSV's line;
+``left_out_note`` only when there are some); ``--data.strict true`` refuses them instead.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from milkit.atomic import atomic_write
 from milkit.data.bags import BAG_MEMORY
+from milkit.data.cohort import Cohort
 from milkit.data.datamodule import MILDataModule, cohort_bytes
 from milkit.data.labels import read_labels
 from milkit.errors import ConfigError, MilkitError
@@ -82,6 +87,7 @@ class CVCLI(MILCLI):
     """
 
     argv: list[str] | None = None
+    _checked_cohort: Cohort | None = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--folds --repeats --seed --out --monitor --monitor_mode --jobs --patience``."""
@@ -172,6 +178,10 @@ class CVCLI(MILCLI):
                 f"--monitor {base.monitor} needs a validation part: --data.val_fraction > 0."
             )
         fold_ids = self._fold_ids()
+        cohort = self._cohort()
+        left_out = cohort.left_out_line()
+        if left_out is not None:
+            print(f"cv: {left_out}")
         if base.monitor is None:
             print(
                 f"cv: each fold trains {base.trainer.max_epochs} epochs on all its training "
@@ -200,6 +210,8 @@ class CVCLI(MILCLI):
             seed=base.seed,
             monitor=base.monitor,
             seconds=time.perf_counter() - start,
+            left_out=[{"slide_id": row.slide_id, "line": row.line} for row in cohort.left_out],
+            **({"left_out_note": left_out} if left_out is not None else {}),
         )
         (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
         table = format_table(summary)
@@ -222,14 +234,21 @@ class CVCLI(MILCLI):
             return min(base.jobs, n_runs)
         if base.trainer.accelerator not in ("cpu", "auto") or torch.cuda.is_available():
             return 1
-        init_args = {k: v for k, v in base.data.as_dict().items() if not k.startswith("__")}
-        cohort = MILDataModule(**init_args).cohort
+        cohort = self._cohort()
         if not small_bags(cohort.bags):
             return 1
         jobs = min(free_cores(), n_runs)
         while jobs > 1 and cohort_bytes(cohort) * jobs > BAG_MEMORY.max_bytes:
             jobs -= 1
         return jobs
+
+    def _cohort(self) -> Cohort:
+        """The cohort as every fold reads it (checked once here, before any fold)."""
+        if self._checked_cohort is None:
+            data = self.config.data.as_dict()
+            init_args = {k: v for k, v in data.items() if not k.startswith("__")}
+            self._checked_cohort = MILDataModule(**init_args).cohort
+        return self._checked_cohort
 
     def _run_in_processes(
         self, plan: list[tuple[int, int, int]], jobs: int
@@ -397,7 +416,8 @@ def format_table(summary: dict[str, Any]) -> str:
         f"seed {summary.get('seed')}\n\n"
         "| metric | mean ± SD | SEM | min | max | n |\n|---|---|---|---|---|---|"
     )
-    lines = [header]
+    lines = [f"{summary['left_out_note']}\n"] if summary.get("left_out_note") else []
+    lines.append(header)
     for name, stats in summary["metrics"].items():
         values = [v for v in stats["values"] if v is not None]
         if not values:

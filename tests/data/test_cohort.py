@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -43,17 +44,45 @@ def test_label_and_file_problems_are_reported_together(tmp_path: Path) -> None:
     _bag(features, "a", dim=8)
     _bag(features, "b", dim=8)
     _bag(features, "c", dim=16)  # other feature size
-    _bag(features, "d", n=0)  # empty bag
+    _bag(features, "d", n=0)  # empty bag: a problem when strict
     _bag(features, "e", dim=8)
     csv = _labels(tmp_path, ["a,pos", "b,neg", "c,pos", "d,neg", "e,", "ghost,pos"])
     with pytest.raises(LabelsError) as info:
-        load_cohort(features, csv, target="label")
+        load_cohort(features, csv, target="label", strict=True)
     message = str(info.value)
     assert "4 problem(s)" in message
     assert "line 4: slide 'c': feature size 16 differs from 8" in message
     assert "line 5: slide 'd': empty bag" in message
     assert "line 6: slide 'e': missing target" in message
     assert f"line 7: slide 'ghost' has no feature file ({features / 'ghost.h5'})" in message
+
+
+def test_slides_without_tiles_are_left_out_and_named(
+    tmp_path: Path, write_tileless: Callable[[Path, str], Path]
+) -> None:
+    out = tmp_path / "preprocessed"  # milkit preprocess's layout: features/ and coords/
+    for slide_id in ("a", "b", "c"):
+        _bag(out / "features", slide_id)
+    _bag(out / "features", "empty", n=0)  # a feature file without tiles (as other tools write)
+    write_tileless(out / "coords", "glass")  # tiled, no tissue: no feature file written
+    rows = ["a,pos", "glass,neg", "b,neg", "empty,pos", "c,pos"]
+    cohort = load_cohort(out / "features", _labels(tmp_path, rows), target="label")
+    assert [row.slide_id for row in cohort.rows] == [bag.slide_id for bag in cohort.bags]
+    assert [row.slide_id for row in cohort.rows] == ["a", "b", "c"]
+    assert cohort.targets() == [1, 0, 1]
+    assert [(row.slide_id, row.line) for row in cohort.left_out] == [("glass", 3), ("empty", 5)]
+    assert cohort.left_out_line() == (
+        f"left out 2 slide(s) of {tmp_path / 'labels.csv'} without tiles (no tissue found): "
+        "glass (line 3), empty (line 5); --data.strict true refuses them instead"
+    )
+    with pytest.raises(LabelsError) as info:
+        load_cohort(out / "features", tmp_path / "labels.csv", target="label", strict=True)
+    assert "line 3: slide 'glass' has no feature file" in str(info.value)
+    assert "(its tiling found no tissue)" in str(info.value)
+    assert "line 5: slide 'empty': empty bag" in str(info.value)
+    only_glass = _labels(tmp_path, ["glass,neg", "empty,pos"])
+    with pytest.raises(FeatureFileError, match="none of the cohort's 2 slides has tiles"):
+        load_cohort(out / "features", only_glass, target="label")
 
 
 def test_only_file_problems_raise_feature_file_error(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -148,6 +150,29 @@ def test_bad_labels_fail_before_training_with_every_row(
     assert "line 3: slide 'missing_slide' has no feature file" in error
     assert "line 4: slide 'slide_0001': missing target" in error
     assert not (tmp_path / "lightning_logs").exists()  # nothing trained
+
+
+def test_fit_names_the_slide_without_tiles_it_leaves_out(
+    cohort: WitnessCohort,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    write_tileless: Callable[[Path, str], Path],
+) -> None:
+    features = tmp_path / "out" / "features"
+    shutil.copytree(cohort.features_dir, features)
+    write_tileless(features.parent / "coords", "glass")
+    labels = tmp_path / "labels.csv"
+    labels.write_text(cohort.labels_csv.read_text() + "glass,glass_patient,negative\n")
+    options = _options(cohort, tmp_path, "abmil")
+    options[options.index("--data.labels_csv") + 1] = str(labels)
+    options[options.index("--data.features_dir") + 1] = str(features)
+    assert run_lightning(["fit", *options, "--trainer.fast_dev_run", "1"]) == 0
+    error = capsys.readouterr().err
+    assert error.count("left out") == 1
+    assert (
+        f"milkit fit: left out 1 slide(s) of {labels} without tiles (no tissue found): glass (line 18)"
+        in error
+    )
 
 
 def _rescale_files(features_dir: Path, slide_ids: list[str], scale: float, shift: float) -> None:

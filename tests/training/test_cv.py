@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,29 @@ def test_cv_results_do_not_depend_on_the_number_of_loader_workers(
         summaries.append(json.loads((out / "cv_summary.json").read_text()))
     for name, stats in summaries[0]["metrics"].items():
         assert stats["values"] == summaries[1]["metrics"][name]["values"], name
+
+
+def test_a_slide_without_tiles_is_left_out_and_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], write_tileless: Callable[[Path, str], Path]
+) -> None:
+    small = write_witness_cohort(
+        tmp_path / "cohort", n_bags=12, n_tiles=(6, 10), feature_dim=8, shift=4.0
+    )
+    # a glass-only slide in the labels, as preprocess leaves it: coordinates without tiles
+    write_tileless(small.features_dir.parent / "coords", "glass")
+    with small.labels_csv.open("a") as labels:
+        labels.write("glass,glass_patient,negative\n")
+    line = len(small.labels_csv.read_text().splitlines())
+    assert _cv(small, tmp_path / "cv", "--folds", "2", "--jobs", "1") == 0
+    summary = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
+    assert summary["left_out"] == [{"slide_id": "glass", "line": line}]
+    assert all(run["n_train"] + run["n_test"] == 12 for run in summary["runs"])
+    printed = capsys.readouterr().out
+    assert f"left out 1 slide(s) of {small.labels_csv} without tiles" in printed
+    assert f"glass (line {line})" in (tmp_path / "cv" / "cv_summary.md").read_text()
+
+    assert _cv(small, tmp_path / "strict", "--data.strict", "true") == 2
+    assert "slide 'glass' has no feature file" in capsys.readouterr().err
 
 
 def test_cv_refuses_a_used_folder_and_a_split_column(
