@@ -15,6 +15,7 @@ the task too (as in CoMEL, where every organ has its own "normal" and "tumour").
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -229,9 +230,18 @@ def load_task_sequence(data: ContinualData) -> TaskSequence:
 Found = dict[str, tuple[Cohort, list[int]]]
 
 
+def _load_task_cohort(data: ContinualData, source: str) -> Cohort:
+    """One labels CSV's cohort; the slides without tiles it leaves out are named on stderr."""
+    cohort = load_cohort(data.features_dir, source, target=data.target)  # type: ignore[arg-type]
+    line = cohort.left_out_line()
+    if line is not None:
+        print(f"milkit continual: {line}", file=sys.stderr)
+    return cohort
+
+
 def _tasks_of_one_csv(data: ContinualData, source: str) -> Found:
     """Tasks from the ``task`` column, in order of first appearance."""
-    cohort = load_cohort(data.features_dir, source, target=data.target)  # type: ignore[arg-type]
+    cohort = _load_task_cohort(data, source)
     if all(row.task is None for row in cohort.rows):
         raise ConfigError(
             f"{source} has no task column (or it is empty): a continual run needs a `task` "
@@ -255,7 +265,7 @@ def _tasks_of_csvs(data: ContinualData, sources: list[str]) -> Found:
     for source in sources:
         if not Path(source).is_file():
             raise LabelsError(f"{source}: no such labels CSV; check --data.labels_csv.")
-        cohort = load_cohort(data.features_dir, source, target=data.target)  # type: ignore[arg-type]
+        cohort = _load_task_cohort(data, source)
         names = {row.task for row in cohort.rows}
         single = names.pop() if len(names) == 1 else None  # the CSV's one task value, if any
         name = single if single is not None else Path(source).stem

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,25 @@ def test_overlapping_labels_are_refused_unless_shared(
     assert sequence.class_names == ["t0/negative", "t0/positive", "t1/negative", "t1/positive"]
     assert sequence.negative.tolist() == [True, False, True, False]
     assert sequence.task_of_class.tolist() == [0, 0, 1, 1]
+
+
+def test_a_slide_without_tiles_is_left_out_of_its_task(
+    tasks: FeatureTasks,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    write_tileless: Callable[[Path, str], Path],
+) -> None:
+    write_tileless(tmp_path / "coords", "glass")
+    features = tmp_path / "features"
+    features.symlink_to(tasks.features_dir, target_is_directory=True)
+    rows = rows_of(tasks.labels_csv)
+    glass = {**rows[0], "slide_id": "glass", "patient_id": "glass"}
+    labels_csv = write_rows(tmp_path / "glass.csv", [*rows, glass])
+    sequence = load_task_sequence(ContinualData(str(features), str(labels_csv)))
+    assert "glass" not in [bag.slide_id for task in sequence.tasks for bag in task.bags]
+    error = capsys.readouterr().err
+    assert f"milkit continual: left out 1 slide(s) of {labels_csv} without tiles" in error
+    assert f"glass (line {len(rows) + 2})" in error
 
 
 def test_an_empty_task_is_refused_before_training(
