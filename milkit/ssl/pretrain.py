@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from milkit.errors import ConfigError, MilkitError
 from milkit.features.extract import cpu_supports_bf16
-from milkit.pipeline.tile import tiling_flags
+from milkit.slides.tiling_options import tiling_flags
 from milkit.ssl.data import TileDataHParams, TileDataModule
 from milkit.ssl.dino_module import DINOModule
 from milkit.ssl.export import export_backbone

@@ -15,8 +15,9 @@ from milkit.errors import ConfigError
 from milkit.features.h5 import file_status
 from milkit.features.tile_file import read_coords
 from milkit.pipeline.batch import parse_shard, take_shard
-from milkit.pipeline.tile import TilingOptions, slide_tiling_options, tiling_flags, tiling_hash
+from milkit.pipeline.tile import tiling_hash
 from milkit.slides.folder import find_slides
+from milkit.slides.tiling_options import TilingOptions, slide_tiling_options, tiling_flags
 
 
 def write_blob_image(
