@@ -4,8 +4,9 @@
 
 Prints model-only tiles/s (pre-made uint8 tiles already in memory, same preprocessing and
 autocast), pipeline tiles/s (``extract_slide`` on a synthetic slide: reading, decoding,
-resizing, encoding, writing) and their ratio, for each encoder given, on one slide. The target
-is a ratio >= 0.95.
+resizing, encoding, writing) and their ratio, for each encoder given, on one slide, interleaved,
+best of two; and the share of the pipeline's wall time the model was busy (one run, so immune to
+the machine's drift). The target is a ratio >= 0.97.
 """
 
 from __future__ import annotations
@@ -91,21 +92,27 @@ def main() -> None:
         )
         for name in args.encoder:
             encoder = load_encoder(name, pretrained=False)
-            model_rate = model_only(encoder, tiles, device=device, options=options)
-            started = time.perf_counter()
-            extract_slide(
-                slide,
-                coords.path,
-                work_dir / f"{name}.h5",
-                encoder,
-                config_hash="bench",
-                device=device,
-                options=options,
-            )
-            pipeline_rate = n_tiles / (time.perf_counter() - started)
+            model_rates, pipeline_rates, busy = [], [], []
+            for repeat in range(2):  # interleaved, best of two: the machine's speed drifts
+                model_rates.append(model_only(encoder, tiles, device=device, options=options))
+                started = time.perf_counter()
+                result = extract_slide(
+                    slide,
+                    coords.path,
+                    work_dir / f"{name}_{repeat}.h5",
+                    encoder,
+                    config_hash="bench",
+                    device=device,
+                    options=options,
+                )
+                wall = time.perf_counter() - started
+                pipeline_rates.append(n_tiles / wall)
+                busy.append(result.timing.model_seconds / wall)
+            model_rate, pipeline_rate = max(model_rates), max(pipeline_rates)
             print(
                 f"{name}: model-only {model_rate:.1f} tiles/s, pipeline {pipeline_rate:.1f} "
-                f"tiles/s, ratio pipeline/model {pipeline_rate / model_rate:.3f} (target >= 0.95)"
+                f"tiles/s, ratio pipeline/model {pipeline_rate / model_rate:.3f} (target >= 0.97); "
+                f"within the pipeline's run the model was busy {max(busy):.3f} of the time"
             )
 
 

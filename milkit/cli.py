@@ -203,7 +203,10 @@ def _add_preprocess(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
     parser.add_argument(
-        "--num-workers", type=int, default=1, help="DataLoader workers reading tiles"
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers reading tiles (default: one per core but one)",
     )
     parser.add_argument(
         "--precision",
@@ -234,13 +237,13 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     import torch
 
     from milkit.features.encoders import load_encoder
-    from milkit.features.extract import ExtractionOptions
+    from milkit.features.extract import ExtractionOptions, default_loader_workers
     from milkit.pipeline.preprocess import run_preprocess
 
     tiling, slides, shard, mpp_by_slide = _tiling_job(args)
     extraction = ExtractionOptions(
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=default_loader_workers() if args.num_workers is None else args.num_workers,
         precision=args.precision,
         dtype=args.dtype,
     )

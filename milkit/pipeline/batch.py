@@ -98,6 +98,7 @@ class BatchSummary:
     outcomes: Counter[str] = field(default_factory=Counter)
     slides_by_outcome: dict[str, list[str]] = field(default_factory=dict)
     n_tiles: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def add(self, slide_id: str, outcome: str, n_tiles: int = 0) -> None:
         """Count one slide's outcome (one of :data:`OUTCOMES`)."""
@@ -129,6 +130,7 @@ class BatchSummary:
                     ": " + ", ".join(names[:max_names]) + (" ..." if len(names) > max_names else "")
                 )
             lines.append(line)
+        lines += [f"  {note}" for note in self.notes]
         if self.failed and errors_path is not None:
             lines.append(f"  failures are listed in {errors_path}")
         return "\n".join(lines)

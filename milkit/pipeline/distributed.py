@@ -64,7 +64,8 @@ class FeatureExtractionModule(L.LightningModule):
     def predict_step(self, job: SlideJob, batch_idx: int) -> dict[str, Any]:
         """Extract one slide and report its outcome (failures are reported, not raised)."""
         try:
-            n_tiles, n_skipped = run_job(job, self.encoder, self.options, device=self.device)
+            result = run_job(job, self.encoder, self.options, device=self.device)
+            n_tiles, n_skipped = result.n_tiles, result.n_skipped
         except Exception as exc:  # one bad slide never stops the batch
             message = str(exc) if isinstance(exc, MilkitError) else repr(exc)
             return {"job": job, "outcome": "failed", "n_tiles": 0, "n_skipped": 0,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from milkit.features.encoders import Encoder
-from milkit.features.extract import ExtractionOptions, extract_slide
+from milkit.features.extract import ExtractionOptions, ExtractionResult, extract_slide
 from milkit.features.h5 import config_hash, file_status
 from milkit.features.tile_file import read_header
 from milkit.pipeline.tile import TilingOptions, coords_path, tiling_hash
@@ -117,9 +117,9 @@ def run_job(
     *,
     device: torch.device,
     progress: Callable[[int], Any] | None = None,
-) -> tuple[int, int]:
-    """Extract one slide; returns ``(n_tiles, n_skipped_tiles)``."""
-    result = extract_slide(
+) -> ExtractionResult:
+    """Extract one slide: its tiles, skipped tiles and where the time went."""
+    return extract_slide(
         job.slide_path,
         job.coords_file,
         job.out_path,
@@ -129,4 +129,3 @@ def run_job(
         options=options,
         progress=progress,
     )
-    return result.n_tiles, result.n_skipped

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from milkit.features.encoders import Encoder
-from milkit.features.extract import ExtractionOptions
+from milkit.features.extract import ExtractionOptions, ExtractionTiming
 from milkit.features.h5 import remove_stale_tmp_files
 from milkit.pipeline.batch import BatchSummary, ErrorLog, shard_suffix
 from milkit.pipeline.jobs import pending_jobs, run_job
@@ -83,6 +83,7 @@ def run_preprocess(
         )  # fmt: skip
         return tile_summary, summary, errors.path
     device = torch.device(device)
+    timing = ExtractionTiming()
     log_path = out_dir / f"features_log{shard_suffix(*shard)}.csv"
     with (
         log_path.open("w", newline="") as handle,
@@ -101,7 +102,7 @@ def run_preprocess(
                 disable=not show_progress,
             ) as tile_bar:
                 try:
-                    n_tiles, n_skipped = run_job(
+                    result = run_job(
                         job, encoder, extraction, device=device, progress=tile_bar.update
                     )
                 except Exception as exc:  # one bad slide never stops the batch
@@ -109,8 +110,11 @@ def run_preprocess(
                     summary.add(job.slide_id, "failed")
                     log.writerow([job.slide_id, "failed", 0, 0])
                 else:
-                    summary.add(job.slide_id, "done", n_tiles)
-                    log.writerow([job.slide_id, "done", n_tiles, n_skipped])
+                    summary.add(job.slide_id, "done", result.n_tiles)
+                    log.writerow([job.slide_id, "done", result.n_tiles, result.n_skipped])
+                    timing.add(result.timing)
             handle.flush()
             slide_bar.update(1)
+    if timing.n_tiles:
+        summary.notes.append(timing.describe())
     return tile_summary, summary, errors.path

@@ -8,6 +8,7 @@ scanned area) are composited on white so that background looks like glass, not b
 from __future__ import annotations
 
 import math
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from milkit.errors import MissingMppError, SlideOpenError, SlideReadError
+from milkit.slides.tiff_tiles import TileDecoder, TiledLevel, index_levels, paint_region
 
 #: Extensions of plain (non-pyramidal) images read whole through Pillow.
 PLAIN_IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
@@ -27,6 +29,13 @@ SLIDE_EXTENSIONS = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
     | PLAIN_IMAGE_EXTENSIONS
 )
+
+#: Extensions of TIFF-family slides whose tiles may be read directly (:class:`TiffTileReader`).
+TIFF_EXTENSIONS = frozenset({".svs", ".tif", ".tiff"})
+#: OpenSlide vendors whose levels are plain tile grids (no overlaps or stitching to respect).
+_DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
+#: Environment variable: ``openslide`` reads every slide through OpenSlide (for comparisons).
+READER_ENV = "MILKIT_READER"
 
 # Plain images can be large scans; let Pillow open them (we never decode untrusted pickles).
 Image.MAX_IMAGE_PIXELS = None
@@ -38,13 +47,16 @@ class SlideReader(ABC):
     """A whole-slide image opened for reading.
 
     Subclasses provide the pyramid geometry and :meth:`_read` ; everything else
-    (mpp handling, thumbnails, validation) lives here once.
+    (mpp handling, thumbnails, validation) lives here once. ``backend`` names what decodes
+    the pixels (recorded in feature files).
 
     Args:
         path: The slide file.
         mpp: Microns per level-0 pixel, overriding whatever the file says. Required when the
             file records none.
     """
+
+    backend = "unknown"
 
     def __init__(self, path: str | Path, *, mpp: float | None = None) -> None:
         self.path = Path(path)
@@ -115,12 +127,20 @@ class SlideReader(ABC):
     # -- pixels --------------------------------------------------------------------------------
     @abstractmethod
     def _read(
-        self, location_level0: tuple[int, int], level: int, size: tuple[int, int]
+        self,
+        location_level0: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Read an RGB region; arguments are already validated."""
+        """Read an RGB region (into ``out`` where the reader can); arguments are validated."""
 
     def read_region(
-        self, location_level0: tuple[int, int], level: int, size: tuple[int, int]
+        self,
+        location_level0: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Read a region as RGB.
 
@@ -128,9 +148,12 @@ class SlideReader(ABC):
             location_level0: ``(x, y)`` of the top-left corner in level-0 pixels.
             level: Pyramid level to read from.
             size: ``(width, height)`` in pixels of ``level``.
+            out: ``(height, width, 3)`` uint8 array to write the region into (e.g. a row of
+                a batch, saving a copy); None for a new array.
 
         Returns:
-            ``(height, width, 3)`` uint8 array; parts outside the slide are white.
+            ``(height, width, 3)`` uint8 array (``out`` when given); parts outside the slide
+            are white.
 
         Raises:
             SlideReadError: The region cannot be decoded (corrupt tile, I/O error).
@@ -144,7 +167,7 @@ class SlideReader(ABC):
             raise SlideReadError(f"{self.path}: region size must be positive, got {size}.")
         x, y = int(location_level0[0]), int(location_level0[1])
         try:
-            region = self._read((x, y), level, (width, height))
+            region = self._read((x, y), level, (width, height), out)
         except SlideReadError:
             raise
         except Exception as exc:  # decoder errors differ by backend; name the place instead
@@ -152,6 +175,9 @@ class SlideReader(ABC):
                 f"{self.path}: cannot read region at level-0 (x={x}, y={y}), level {level}, "
                 f"size {width}x{height}: {exc}"
             ) from exc
+        if out is not None and region is not out:
+            out[...] = region
+            return out
         return region
 
     def read_level(self, level: int) -> np.ndarray:
@@ -268,6 +294,8 @@ class OpenSlideReader(SlideReader):
         mpp: Microns per level-0 pixel, overriding the file's metadata.
     """
 
+    backend = "openslide"
+
     def __init__(self, path: str | Path, *, mpp: float | None = None) -> None:
         super().__init__(path, mpp=mpp)
         import openslide  # imported here: openslide-bin loads a shared library
@@ -283,14 +311,19 @@ class OpenSlideReader(SlideReader):
             raise SlideOpenError(f"{self.path}: the file is damaged or truncated ({exc}).") from exc
         except OSError as exc:
             raise SlideOpenError(f"{self.path}: cannot open ({exc}).") from exc
+        # Asked for on every read: OpenSlide answers through several C calls each time.
+        self._level_dimensions: tuple[tuple[int, int], ...] = tuple(
+            (int(width), int(height)) for width, height in self._slide.level_dimensions
+        )
+        self._level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return tuple(tuple(int(v) for v in dims) for dims in self._slide.level_dimensions)  # type: ignore[misc]
+        return self._level_dimensions
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        return tuple(float(d) for d in self._slide.level_downsamples)
+        return self._level_downsamples
 
     @property
     def properties(self) -> Mapping[str, str]:
@@ -300,7 +333,11 @@ class OpenSlideReader(SlideReader):
         return _mpp_from_properties(self._slide.properties)
 
     def _read(
-        self, location_level0: tuple[int, int], level: int, size: tuple[int, int]
+        self,
+        location_level0: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         import openslide
 
@@ -316,6 +353,47 @@ class OpenSlideReader(SlideReader):
 
     def close(self) -> None:
         self._slide.close()
+
+
+class TiffTileReader(OpenSlideReader):
+    """A tiled TIFF slide (Aperio SVS, generic pyramidal TIFF) whose tiles are decoded directly.
+
+    OpenSlide still gives the geometry and metadata; :mod:`milkit.slides.tiff_tiles` reads the
+    pixels of every level it can index, each stored tile decoded once while it stays in a small
+    store. Reads it cannot do exactly as OpenSlide would (other vendors, unsupported pages,
+    level coordinates that are not whole pixels) go through OpenSlide.
+
+    Args:
+        path: The slide file.
+        mpp: Microns per level-0 pixel, overriding the file's metadata.
+    """
+
+    def __init__(self, path: str | Path, *, mpp: float | None = None) -> None:
+        super().__init__(path, mpp=mpp)
+        self._levels: dict[int, TiledLevel] = {}
+        if self.properties.get("openslide.vendor") in _DIRECT_VENDORS:
+            self._levels = index_levels(self.path, self.level_dimensions)
+        self._decoder = TileDecoder(self.path)
+        self.backend = "tifffile" if self._levels else "openslide"
+
+    def _read(
+        self,
+        location_level0: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        tiled = self._levels.get(level)
+        if tiled is not None:
+            downsample = self.level_downsamples[level]
+            x, y = location_level0[0] / downsample, location_level0[1] / downsample
+            if x.is_integer() and y.is_integer():
+                return paint_region(self._decoder, level, tiled, (int(x), int(y)), size, out)
+        return super()._read(location_level0, level, size)
+
+    def close(self) -> None:
+        self._decoder.close()
+        super().close()
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -340,6 +418,8 @@ class ImageReader(SlideReader):
         mpp: Microns per pixel of the image.
     """
 
+    backend = "pillow"
+
     def __init__(self, path: str | Path, *, mpp: float | None = None) -> None:
         super().__init__(path, mpp=mpp)
         try:
@@ -363,7 +443,11 @@ class ImageReader(SlideReader):
         return self._file_mpp
 
     def _read(
-        self, location_level0: tuple[int, int], level: int, size: tuple[int, int]
+        self,
+        location_level0: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         x, y = location_level0
         width, height = size
@@ -407,7 +491,8 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> SlideReader:
     """Open a slide with the reader that fits it.
 
     OpenSlide is tried first for everything but PNG/JPEG/BMP; flat TIFFs OpenSlide rejects fall
-    back to the plain-image reader.
+    back to the plain-image reader. SVS and tiled TIFF slides get :class:`TiffTileReader`
+    (their tiles decoded directly) unless the environment sets ``MILKIT_READER=openslide``.
 
     Args:
         path: Slide or image file.
@@ -429,8 +514,9 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> SlideReader:
         return ImageReader(path, mpp=mpp)
     if _looks_like_text(path):
         raise SlideOpenError(f"{path}: this is a text file, not a slide (check the file's origin).")
+    direct = suffix in TIFF_EXTENSIONS and os.environ.get(READER_ENV, "auto") != "openslide"
     try:
-        return OpenSlideReader(path, mpp=mpp)
+        return TiffTileReader(path, mpp=mpp) if direct else OpenSlideReader(path, mpp=mpp)
     except SlideOpenError as openslide_error:
         if suffix in (".tif", ".tiff"):
             try:

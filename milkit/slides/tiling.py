@@ -163,22 +163,34 @@ def plan_tile_spec(
     )
 
 
-def read_tile(reader: SlideReader, spec: TileSpec, xy_level0: tuple[int, int]) -> np.ndarray:
+def read_tile(
+    reader: SlideReader,
+    spec: TileSpec,
+    xy_level0: tuple[int, int],
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Read one tile at the spec's resolution.
 
     Args:
         reader: The open slide.
         spec: Geometry planned for this slide.
         xy_level0: Top-left corner in level-0 pixels.
+        out: ``(tile_size_px, tile_size_px, 3)`` uint8 array to write the tile into (a row
+            of a batch); None for a new array.
 
     Returns:
-        ``(tile_size_px, tile_size_px, 3)`` uint8 RGB.
+        ``(tile_size_px, tile_size_px, 3)`` uint8 RGB (``out`` when given).
     """
-    region = reader.read_region(xy_level0, spec.level, (spec.read_size_px, spec.read_size_px))
-    if spec.needs_resize:
-        region = np.asarray(
-            Image.fromarray(region).resize(
-                (spec.tile_size_px, spec.tile_size_px), Image.Resampling.BILINEAR, reducing_gap=None
-            )
+    read_size = (spec.read_size_px, spec.read_size_px)
+    if not spec.needs_resize:
+        return reader.read_region(xy_level0, spec.level, read_size, out)
+    region = reader.read_region(xy_level0, spec.level, read_size)
+    tile = np.asarray(
+        Image.fromarray(region).resize(
+            (spec.tile_size_px, spec.tile_size_px), Image.Resampling.BILINEAR, reducing_gap=None
         )
-    return region
+    )
+    if out is None:
+        return tile
+    out[...] = tile
+    return out

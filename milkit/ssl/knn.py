@@ -131,7 +131,7 @@ def embed_tiles(
     rows = []
     for slide in slides:
         dataset = TileDataset(slide.slide_path, slide.coords_level0, slide.tile_spec)
-        features = np.zeros((len(dataset), encoder.embed_dim), dtype=np.float32)
+        features = np.zeros((dataset.n_tiles, encoder.embed_dim), dtype=np.float32)
         for index, batch, _ in iterate_features(dataset, encoder, device=device, options=options):
             features[index] = batch
         rows.append(torch.from_numpy(features))

@@ -10,19 +10,20 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from milkit.cli import main
 from milkit.data.cohort import load_cohort
 from milkit.errors import EncoderError, FeatureFileError
 from milkit.features.encoders import Encoder, load_encoder
-from milkit.features.extract import ExtractionOptions
+from milkit.features.extract import ExtractionOptions, ExtractionTiming
 from milkit.features.h5 import file_status
 from milkit.features.tile_file import read_bag, read_coords
 from milkit.pipeline.jobs import features_path
 from milkit.pipeline.preprocess import run_preprocess
 from milkit.pipeline.tile import TilingOptions
-from milkit.slides.reader import open_slide
+from milkit.slides.reader import READER_ENV, open_slide
 from milkit.slides.tiling import read_tile
 from milkit.synth import SlideParams, write_slide
 
@@ -254,3 +255,63 @@ def test_preprocess_extracts_no_features_from_another_tiling(
     assert main([*args, "--random-weights"]) == 1  # no --slide-mpp this time: tiling fails
     assert "MissingMppError" in (out / "errors.csv").read_text()
     assert not (out / "features" / "scan.h5").exists()  # not from the coordinates of before
+
+
+@pytest.mark.parametrize("target_mpp", [0.5, 1.0])  # the native level, and a 2x downsample
+def test_features_agree_whichever_reader_decodes_the_slide(
+    slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target_mpp: float
+) -> None:
+    encoder, tiling = tiny_encoder(), TilingOptions(target_mpp=target_mpp, tile_size_px=96)
+    preprocess(slides, tmp_path / "direct", encoder, tiling=tiling)
+    monkeypatch.setenv(READER_ENV, "openslide")
+    preprocess(slides, tmp_path / "openslide", encoder, tiling=tiling)
+    for index in range(3):
+        paths = [features_path(tmp_path / name, f"s{index}") for name in ("direct", "openslide")]
+        direct, reference = (read_bag(path) for path in paths)
+        np.testing.assert_array_equal(direct.coords, reference.coords)
+        np.testing.assert_array_equal(direct.features, reference.features)  # the same pixels
+        readers = [read_coords(path).attrs["reader"] for path in paths]
+        assert readers == ["tifffile", "openslide"]
+
+
+def test_a_corrupt_jpeg_tile_is_skipped_and_the_slide_goes_on(slides: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    broken = folder / "broken.svs"
+    broken.write_bytes((slides / "s0.svs").read_bytes())
+    with tifffile.TiffFile(broken) as tiff:
+        page = tiff.pages[0]
+        index = len(page.dataoffsets) // 2 + 3  # a tile inside the tissue
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    with broken.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\0" * count)
+    tiling = TilingOptions(target_mpp=0.5, tile_size_px=96)
+    _, summary, _ = preprocess(folder, tmp_path / "out", tiny_encoder(), tiling=tiling)
+    assert summary.outcomes["done"] == 1
+    assert "for the model alone" in summary.format()  # which of reading and model bounds it
+    with h5py.File(features_path(tmp_path / "out", "broken"), "r") as file:
+        skipped, reasons = file["skipped_coords"][()], file["skipped_reasons"][()]
+        n_kept = len(file["features"])
+    assert 1 <= len(skipped) <= 16 and n_kept > 10 * len(skipped)  # 96-px tiles over 256
+    assert all(b"cannot read region" in reason for reason in reasons)
+    tiles_per_row = -(-page.imagewidth // page.tilewidth)
+    column, row = index % tiles_per_row, index // tiles_per_row
+    for x, y in skipped:  # every skipped tile overlaps the damaged stored tile
+        assert x < (column + 1) * page.tilewidth and x + 96 > column * page.tilewidth
+        assert y < (row + 1) * page.tilelength and y + 96 > row * page.tilelength
+
+
+def test_the_timing_line_says_what_bounds_extraction() -> None:
+    model_bound = ExtractionTiming(n_tiles=1000, read_seconds=0.2, model_seconds=9.8)
+    assert model_bound.describe() == (
+        "tiles/s: 100 overall, 102 for the model alone; 2% of the time waiting for tiles: "
+        "the model bounds this run"
+    )
+    read_bound = ExtractionTiming(n_tiles=1000, read_seconds=5.0, model_seconds=5.0)
+    read_bound.add(ExtractionTiming(n_tiles=1000, read_seconds=5.0, model_seconds=5.0))
+    assert read_bound.describe().endswith(
+        "50% of the time waiting for tiles: reading tiles bounds this run (more --num-workers "
+        "may help)"
+    )
+    assert "tiles/s: 100 overall, 200 for the model alone" in read_bound.describe()

@@ -32,7 +32,7 @@ class PyramidReader(SlideReader):
     def level_downsamples(self) -> tuple[float, ...]:
         return self._downsamples
 
-    def _read(self, location_level0, level, size):
+    def _read(self, location_level0, level, size, out=None):
         ds = self._downsamples[level]
         x, y = round(location_level0[0] / ds), round(location_level0[1] / ds)
         return self._levels[level][y : y + size[1], x : x + size[0]]
