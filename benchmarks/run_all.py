@@ -23,7 +23,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 #: In the order a slide travels through milkit.
-SCRIPTS = ("tiling", "extract", "train_loading", "heatmap", "gdat_scaling", "pretrain_small")
+SCRIPTS = (
+    "tiling",
+    "reading",
+    "extract",
+    "train_loading",
+    "heatmap",
+    "gdat_scaling",
+    "pretrain_small",
+)
 
 
 def machine() -> str:
