@@ -38,6 +38,10 @@ from milkit.slides.tissue import (
     tissue_fraction_grid,
 )
 
+#: Median brightness (0-255, brightest channel) of a thumbnail below which its background is
+#: dark: a fluorescence scan (brightfield glass is above 200; a DAPI scan measured 13).
+DARK_BACKGROUND = 60
+
 
 @dataclass
 class SlideTiling:
@@ -51,6 +55,7 @@ class SlideTiling:
     effective_mpp: float | None = None
     seconds: float = 0.0
     error: BaseException | None = field(default=None, repr=False)
+    note: str | None = None
 
 
 def coords_path(out_dir: Path, slide_id: str) -> Path:
@@ -106,6 +111,8 @@ def tile_slide(
             coords_level0=candidates,
             tile_size_level0=spec.tile_size_level0,
         )
+        # The detector looks for stain on bright glass; a dark background is a fluorescence scan.
+        dark = float(np.median(thumbnail.max(axis=2))) < DARK_BACKGROUND
         keep = fractions >= options.min_tissue
         if options.min_tissue == 0.0:
             keep &= fractions > 0.0
@@ -143,6 +150,12 @@ def tile_slide(
         level=spec.level,
         effective_mpp=spec.effective_mpp,
         seconds=time.perf_counter() - started,
+        note=(
+            "its background is dark (a fluorescence scan?); the tissue detector is made for "
+            "brightfield slides (H&E, IHC), so its tiles may be wrong or missing"
+            if dark
+            else None
+        ),
     )
 
 
@@ -230,6 +243,8 @@ def run_tiling(
 
         def record(result: SlideTiling) -> None:
             summary.add(result.slide_id, result.outcome, result.n_tiles)
+            if result.note is not None:
+                summary.notes.append(f"{result.slide_id}: {result.note}")
             if result.error is not None:
                 errors.record(result.slide_path, "tile", result.error)
             log.writerow(

@@ -30,6 +30,9 @@ SLIDE_EXTENSIONS = frozenset(
     | PLAIN_IMAGE_EXTENSIONS
 )
 
+#: Microns per pixel a scan can have; a file's value outside it is a placeholder (72 dpi is
+#: 352.8 µm/px), not a resolution.
+PLAUSIBLE_MPP = (0.05, 20.0)
 #: Extensions of TIFF-family slides whose tiles may be read directly (:class:`TiffTileReader`).
 TIFF_EXTENSIONS = frozenset({".svs", ".tif", ".tiff"})
 #: OpenSlide vendors whose levels are plain tile grids (no overlaps or stitching to respect).
@@ -106,12 +109,18 @@ class SlideReader(ABC):
         if self._mpp_override is not None:
             return float(self._mpp_override)
         mpp = self._mpp_from_file()
-        if mpp is None:
+        if mpp is None or not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+            what = (
+                "the file records no microns-per-pixel (mpp)"
+                if mpp is None
+                else f"the file's resolution tag says {mpp:.4g} µm/px, which no slide scanner "
+                "gives (a placeholder such as 72 or 300 dpi), so it is not used"
+            )
             raise MissingMppError(
-                f"{self.path}: the file records no microns-per-pixel (mpp). Pass the scan "
-                "resolution of the scan: `--slide-mpp 0.25` (40x) or `--slide-mpp 0.5` (20x) on the "
-                "command line, per slide with `--mpp-csv FILE` (columns slide_id,mpp), or "
-                "`open_slide(path, mpp=...)` in Python. (`--mpp` is the resolution to tile at.)"
+                f"{self.path}: {what}. Pass the scan resolution of the scan: `--slide-mpp 0.25` "
+                "(40x) or `--slide-mpp 0.5` (20x) on the command line, per slide with "
+                "`--mpp-csv FILE` (columns slide_id,mpp), or `open_slide(path, mpp=...)` in "
+                "Python. (`--mpp` is the resolution to tile at.)"
             )
         return mpp
 
@@ -304,8 +313,12 @@ class OpenSlideReader(SlideReader):
             self._slide = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
             raise SlideOpenError(
-                f"{self.path}: not a slide format OpenSlide can read ({exc}). If it is a plain "
-                "image, save it as PNG/JPEG/TIFF and give its resolution with `--slide-mpp`."
+                f"{self.path}: "
+                + (
+                    _why_unreadable(self.path)
+                    or f"not a slide format OpenSlide can read ({exc}). If it is a plain image, "
+                    "save it as PNG/JPEG/TIFF and give its resolution with `--slide-mpp`."
+                )
             ) from exc
         except openslide.OpenSlideError as exc:
             raise SlideOpenError(f"{self.path}: the file is damaged or truncated ({exc}).") from exc
@@ -481,6 +494,57 @@ def _mpp_from_pil(image: Image.Image) -> float | None:
     return _CM_PER_UNIT[unit] * 1e4 / resolution
 
 
+#: Leading bytes of plain image formats, with the extension the file should have.
+_IMAGE_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG", ".png"),
+    (b"\xff\xd8\xff", "JPEG", ".jpg"),
+    (b"BM", "BMP", ".bmp"),
+)
+_TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+
+
+def _why_unreadable(path: Path) -> str | None:
+    """What is wrong with a file OpenSlide rejects, when the first bytes tell: a plain image
+    with a slide's name, or a TIFF cut short or damaged. None when they do not."""
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    for signature, kind, extension in _IMAGE_SIGNATURES:
+        if head.startswith(signature):
+            return (
+                f"a {kind} image named {path.suffix}: rename it to {path.stem}{extension} and "
+                "give its resolution with `--slide-mpp`."
+            )
+    if not head.startswith(_TIFF_SIGNATURES):
+        return None
+    big = head[2:4] in (b"+\0", b"\0+")
+    offset_bytes = head[8:16] if big else head[4:8]
+    first_directory = int.from_bytes(offset_bytes, "little" if head[:2] == b"II" else "big")
+    size = path.stat().st_size
+    if first_directory >= size:
+        return (
+            f"the TIFF is cut short: its image directory lies at byte {first_directory:,} but "
+            f"the file has {size:,} bytes (an interrupted copy?). Copy it again from the scanner."
+        )
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            ends = [
+                int(offset) + int(count)
+                for page in tiff.pages
+                if isinstance(page, tifffile.TiffPage)
+                for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True)
+            ]
+    except Exception as exc:  # tifffile's errors vary by damage; the message says what broke
+        return f"a damaged TIFF ({exc}). Copy it again from the scanner."
+    if ends and max(ends) > size:
+        return (
+            f"the TIFF is cut short: its image data runs to byte {max(ends):,} but the file has "
+            f"{size:,} bytes (an interrupted copy?). Copy it again from the scanner."
+        )
+    return None
+
+
 def _looks_like_text(path: Path) -> bool:
     with path.open("rb") as handle:
         head = handle.read(512)
@@ -509,6 +573,11 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> SlideReader:
         raise SlideOpenError(f"{path}: no such file.")
     if path.stat().st_size == 0:
         raise SlideOpenError(f"{path}: the file is empty (0 bytes); re-copy it from the scanner.")
+    if not os.access(path, os.R_OK):
+        raise SlideOpenError(
+            f"{path}: no permission to read it (owner {path.owner()}, mode "
+            f"{path.stat().st_mode & 0o777:o}); ask for read access or copy it somewhere you can."
+        )
     suffix = path.suffix.lower()
     if suffix in PLAIN_IMAGE_EXTENSIONS:
         return ImageReader(path, mpp=mpp)

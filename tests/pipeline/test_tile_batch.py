@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import h5py
@@ -18,6 +19,7 @@ from milkit.pipeline.batch import parse_shard, take_shard
 from milkit.pipeline.tile import tiling_hash
 from milkit.slides.folder import find_slides
 from milkit.slides.tiling_options import TilingOptions, slide_tiling_options, tiling_flags
+from milkit.synth import SlideParams, write_slide
 
 
 def write_blob_image(
@@ -202,3 +204,65 @@ def test_tiling_flags_read_back_as_the_recorded_options(tmp_path: Path) -> None:
         "a,0.2125",
         "b,0.2125",
     ]
+
+
+def test_two_slides_with_one_id_are_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slides = tmp_path / "slides"
+    for site in ("siteA", "siteB"):
+        (slides / site).mkdir(parents=True)
+        write_blob_image(slides / site / "case1.png")
+    write_blob_image(slides / "siteA" / "case2.png")
+    out = tmp_path / "out"
+    assert main(["tile", str(slides), str(out), "--slide-mpp", "0.5", "--workers", "1"]) == 2
+    error = capsys.readouterr().err
+    assert f"{slides / 'siteA' / 'case1.png'}, {slides / 'siteB' / 'case1.png'}" in error
+    assert "'case1'" in error and "rename the files to be unique" in error
+    assert not (out / "coords").exists()  # nothing was done
+
+
+def test_unreadable_slides_are_named_with_the_fix_and_the_batch_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    good = write_slide(slides / "good.svs", SlideParams(seed=1), size_px=(1500, 1500)).slide_path
+    data = good.read_bytes()
+    (slides / "cut.svs").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    write_blob_image(tmp_path / "scan.png")
+    (slides / "renamed.svs").write_bytes((tmp_path / "scan.png").read_bytes())
+    Image.fromarray(np.full((600, 800, 3), 200, np.uint8)).save(slides / "tma.tif", dpi=(72, 72))
+    (slides / "locked.svs").write_bytes(data)
+    real_access = os.access
+    monkeypatch.setattr(  # root reads anything: the file system's refusal, as a user meets it
+        os, "access", lambda path, mode: "locked" not in str(path) and real_access(path, mode)
+    )
+    out = tmp_path / "out"
+    assert main(["tile", str(slides), str(out), "--workers", "1"]) == 1
+    messages = {Path(row["slide"]).name: row["message"] for row in read_errors(out / "errors.csv")}
+    assert "the TIFF is cut short" in messages["cut.svs"] and "Copy it again" in messages["cut.svs"]
+    assert "a PNG image named .svs: rename it to renamed.png" in messages["renamed.svs"]
+    assert "352.8 µm/px, which no slide scanner gives" in messages["tma.tif"]
+    assert "--slide-mpp" in messages["tma.tif"]
+    assert "no permission to read it" in messages["locked.svs"]
+    assert all(str(slides / name) in message for name, message in messages.items())
+    assert len(read_coords(out / "coords" / "good.h5").coords) > 0  # the rest went on
+
+
+def test_a_fluorescence_scan_is_warned_about_not_silently_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    nuclei = np.zeros((900, 1200, 3), np.uint8)  # DAPI-like: blue nuclei on black
+    rng = np.random.default_rng(0)
+    for x, y in rng.integers(50, 850, (60, 2)):
+        nuclei[y - 6 : y + 6, x - 6 : x + 6, 2] = 220
+    Image.fromarray(nuclei).save(slides / "dapi.png")
+    write_blob_image(slides / "he.png")
+    out = tmp_path / "out"
+    assert main(["tile", str(slides), str(out), "--slide-mpp", "0.5", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "dapi: its background is dark (a fluorescence scan?)" in printed
+    assert "made for brightfield slides" in printed and "he: its background" not in printed
