@@ -49,6 +49,8 @@ class Cohort:
         encoder: The encoder id the files record (None if they record none).
         labels: The checked labels CSV, or None for a folder of unlabelled files.
         left_out: Rows of slides without tiles, not in ``rows``.
+        unlabelled: Slide ids of the feature files in the folder the labels CSV has no row
+            for (not used).
     """
 
     rows: tuple[SlideLabel, ...]
@@ -59,6 +61,19 @@ class Cohort:
     encoder: str | None
     labels: LabelTable | None
     left_out: tuple[SlideLabel, ...] = ()
+    unlabelled: tuple[str, ...] = ()
+
+    def notes(self) -> list[str]:
+        """Lines naming what the cohort leaves out: slides without tiles, feature files
+        without a row in the labels CSV."""
+        notes = [self.left_out_line()] if self.left_out else []
+        if self.unlabelled and self.labels is not None:
+            named = ", ".join(self.unlabelled[:5]) + (" ..." if len(self.unlabelled) > 5 else "")
+            notes.append(
+                f"{len(self.unlabelled)} feature file(s) have no row in {self.labels.path} and "
+                f"are not used: {named}"
+            )
+        return [note for note in notes if note is not None]
 
     def left_out_line(self) -> str | None:
         """One line naming the slides left out for having no tiles; None when there are none."""
@@ -199,7 +214,14 @@ def load_cohort(
         encoder=encoder,
         labels=table,
         left_out=tuple(left_out),
+        unlabelled=_unlabelled(features_dir, rows) if table is not None else (),
     )
+
+
+def _unlabelled(features_dir: Path, rows: Sequence[SlideLabel]) -> tuple[str, ...]:
+    """Slide ids of the finished-looking feature files in the folder that no row names."""
+    named = {row.slide_id for row in rows}
+    return tuple(sorted(path.stem for path in features_dir.glob("*.h5") if path.stem not in named))
 
 
 def _tiled_without_tiles(features_dir: Path, slide_id: str) -> bool:

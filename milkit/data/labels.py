@@ -226,6 +226,16 @@ def class_names_of(targets: Iterable[str | float | None]) -> list[str]:
     return sorted(names)
 
 
+def _class_name(value: str) -> str:
+    """A class label as one name: whole numbers written as decimals (``1.0``, as spreadsheets
+    export them) are the integer (``1``), so ``1`` and ``1.0`` are one class."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return str(int(number)) if number.is_integer() and math.isfinite(number) else value
+
+
 class _Bad:
     """A rejected cell, with the reason."""
 
@@ -264,6 +274,7 @@ def _target(
         given = (raw or "").strip()
         return _Bad(f"missing target ({given!r} reads as no value)" if given else "missing target")
     if task == "classification":
+        value = _class_name(value)
         if allowed is not None and value not in allowed:
             return _Bad(f"class {value!r} is not one of {sorted(allowed)}")
         return value

@@ -21,6 +21,7 @@ Examples::
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -59,8 +60,13 @@ class MILCLI(LightningCLI):
         self.config = parser.parse_args(args)
 
     def before_fit(self) -> None:
-        """Name the slides left out; train small bags on the CPU with one intra-op thread
-        (:mod:`milkit.training.threads`)."""
+        """Name the classes and the slides left out; train small bags on the CPU with one
+        intra-op thread (:mod:`milkit.training.threads`)."""
+        cohort = getattr(self.datamodule, "cohort", None)
+        if cohort is not None and cohort.class_names and self.trainer.is_global_zero:
+            counts = Counter(str(row.target) for row in cohort.rows)
+            classes = ", ".join(f"{name} ({counts[name]})" for name in cohort.class_names)
+            print(f"milkit fit: classes in index order, with slides: {classes}", file=sys.stderr)
         self.report_left_out()
         self._threads_before = torch.get_num_threads()
         threads = threads_for_bags(self.datamodule, self.trainer)
@@ -80,11 +86,12 @@ class MILCLI(LightningCLI):
         self.report_left_out()
 
     def report_left_out(self) -> None:
-        """Print one line naming the slides without tiles the cohort left out, if any."""
+        """Print a line for each thing the cohort leaves out (slides without tiles, feature
+        files without labels), if any."""
         cohort = getattr(self.datamodule, "cohort", None)
-        line = cohort.left_out_line() if cohort is not None else None
-        if line is not None and self.trainer.is_global_zero:
-            print(f"milkit {self.subcommand}: {line}", file=sys.stderr)
+        if cohort is not None and self.trainer.is_global_zero:
+            for note in cohort.notes():
+                print(f"milkit {self.subcommand}: {note}", file=sys.stderr)
 
     def after_fit(self) -> None:
         """Give the process its thread count back (``fit`` may run inside a longer program)."""

@@ -180,8 +180,8 @@ class CVCLI(MILCLI):
         fold_ids = self._fold_ids()
         cohort = self._cohort()
         left_out = cohort.left_out_line()
-        if left_out is not None:
-            print(f"cv: {left_out}")
+        for note in cohort.notes():
+            print(f"cv: {note}")
         if base.monitor is None:
             print(
                 f"cv: each fold trains {base.trainer.max_epochs} epochs on all its training "

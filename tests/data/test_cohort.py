@@ -65,8 +65,13 @@ def test_slides_without_tiles_are_left_out_and_named(
         _bag(out / "features", slide_id)
     _bag(out / "features", "empty", n=0)  # a feature file without tiles (as other tools write)
     write_tileless(out / "coords", "glass")  # tiled, no tissue: no feature file written
+    _bag(out / "features", "unlisted")  # a feature file the labels CSV does not name
     rows = ["a,pos", "glass,neg", "b,neg", "empty,pos", "c,pos"]
     cohort = load_cohort(out / "features", _labels(tmp_path, rows), target="label")
+    assert cohort.unlabelled == ("unlisted",)
+    assert cohort.notes()[1] == (
+        f"1 feature file(s) have no row in {tmp_path / 'labels.csv'} and are not used: unlisted"
+    )
     assert [row.slide_id for row in cohort.rows] == [bag.slide_id for bag in cohort.bags]
     assert [row.slide_id for row in cohort.rows] == ["a", "b", "c"]
     assert cohort.targets() == [1, 0, 1]
@@ -83,6 +88,14 @@ def test_slides_without_tiles_are_left_out_and_named(
     only_glass = _labels(tmp_path, ["glass,neg", "empty,pos"])
     with pytest.raises(FeatureFileError, match="none of the cohort's 2 slides has tiles"):
         load_cohort(out / "features", only_glass, target="label")
+
+
+def test_whole_numbers_written_as_decimals_are_one_class(tmp_path: Path) -> None:
+    for slide_id in ("a", "b", "c", "d"):
+        _bag(tmp_path / "f", slide_id)
+    labels = _labels(tmp_path, ["a,0", "b,1", "c,1.0", "d,0.0"])  # as a spreadsheet exports
+    cohort = load_cohort(tmp_path / "f", labels, target="label")
+    assert cohort.class_names == ("0", "1") and cohort.targets() == [0, 1, 1, 0]
 
 
 def test_only_file_problems_raise_feature_file_error(tmp_path: Path) -> None:

@@ -168,6 +168,7 @@ def test_fit_names_the_slide_without_tiles_it_leaves_out(
     options[options.index("--data.features_dir") + 1] = str(features)
     assert run_lightning(["fit", *options, "--trainer.fast_dev_run", "1"]) == 0
     error = capsys.readouterr().err
+    assert "milkit fit: classes in index order, with slides: negative (" in error
     assert error.count("left out") == 1
     assert (
         f"milkit fit: left out 1 slide(s) of {labels} without tiles (no tissue found): glass (line 18)"
