@@ -15,10 +15,17 @@ Small cohorts run fast: the bags are read once per CV run and kept in memory whe
 as ``milkit fit`` (``--config``, group files, any ``--model.*``/``--data.*``/``--trainer.*``
 override).
 
+An interrupted CV resumes: rerunning the same command (same options, config files and labels
+CSV; ``--jobs`` may differ) in the same ``--out`` keeps every finished run and redoes the rest;
+another configuration in that folder is refused. A run is finished when its ``result.json``
+exists (written atomically as its last step).
+
 Output under ``--out``::
 
+    cv_config.json               the configuration's hash (what a rerun must match)
     repeat{r}/fold{k}/           config.yaml, metrics.csv, checkpoints/final.ckpt (best.ckpt
-                                 with --monitor), predictions/<slide_id>.h5, predictions.csv
+                                 with --monitor), predictions/<slide_id>.h5, predictions.csv,
+                                 result.json (the run's entry of "runs" below)
     cv_summary.json              see below
     cv_summary.md                the table printed at the end
 
@@ -42,10 +49,12 @@ Slides without tiles are left out of every fold (``left_out``, with the labels C
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import multiprocessing
+import shutil
 import sys
 import time
 import warnings
@@ -69,12 +78,17 @@ from milkit.data.cohort import Cohort
 from milkit.data.datamodule import MILDataModule, cohort_bytes
 from milkit.data.labels import read_labels
 from milkit.errors import ConfigError, MilkitError
+from milkit.features.h5 import config_hash
 from milkit.training.callbacks import PredictionWriter
 from milkit.training.cli import MILCLI, cli_kwargs
 from milkit.training.threads import free_cores, intra_op_threads, small_bags, threads_for_bags
 
 SUMMARY_JSON = "cv_summary.json"
 SUMMARY_MD = "cv_summary.md"
+#: The CV's configuration hash, written first: a rerun with the same one resumes the folder.
+CONFIG_JSON = "cv_config.json"
+#: A finished run's entry of ``runs``, in its folder.
+RESULT_JSON = "result.json"
 _REPLACED_CALLBACKS = (EarlyStopping, ModelCheckpoint, PredictionWriter)
 
 
@@ -171,8 +185,7 @@ class CVCLI(MILCLI):
             raise ConfigError("--repeats must be >= 1 and --patience >= 0.")
         if base.patience is not None and base.monitor is None:
             raise ConfigError("--patience stops on a validation metric: give --monitor too.")
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError(f"{out} is not empty; choose a new --out or delete it.")
+        finished = self._resume_state(out)
         if base.monitor is not None and not base.data.val_fraction > 0:
             raise ConfigError(
                 f"--monitor {base.monitor} needs a validation part: --data.val_fraction > 0."
@@ -193,16 +206,25 @@ class CVCLI(MILCLI):
             for repeat in range(base.repeats)
             for position, fold in enumerate(fold_ids)
         ]
-        jobs = self._jobs(len(plan))
+        done = {key: finished[key] for key in ((r, k) for r, k, _ in plan) if key in finished}
+        if done:
+            print(f"cv: resuming in {out}: {len(done)} of {len(plan)} runs are done")
+        todo = [(r, k, seed) for r, k, seed in plan if (r, k) not in done]
+        for repeat, fold, _ in todo:  # what an interrupted run left of these is redone
+            shutil.rmtree(out / f"repeat{repeat}" / f"fold{fold}", ignore_errors=True)
+        jobs = self._jobs(len(todo)) if todo else 1
         start = time.perf_counter()
         if jobs == 1:
-            runs = []
+            new_runs = []
             with intra_op_threads(None) as set_threads:
-                for repeat, fold, seed in plan:
-                    runs.append(self._run_fold(base, repeat, fold, seed, out, set_threads))
-                    print(f"cv: repeat {repeat} fold {fold}: {_progress(runs[-1])}")
+                for repeat, fold, seed in todo:
+                    new_runs.append(self._run_fold(base, repeat, fold, seed, out, set_threads))
+                    _save_run(out, new_runs[-1])
+                    print(f"cv: repeat {repeat} fold {fold}: {_progress(new_runs[-1])}")
         else:
-            runs = self._run_in_processes(plan, jobs)
+            new_runs = self._run_in_processes(todo, jobs, out)
+        by_key = {**done, **{(run["repeat"], run["fold"]): run for run in new_runs}}
+        runs = [by_key[(repeat, fold)] for repeat, fold, _ in plan]
         summary = summarize(
             runs,
             folds=len(fold_ids),
@@ -250,8 +272,35 @@ class CVCLI(MILCLI):
             self._checked_cohort = MILDataModule(**init_args).cohort
         return self._checked_cohort
 
+    def _resume_state(self, out: Path) -> dict[tuple[int, int], dict[str, Any]]:
+        """Check ``--out`` and return the runs already finished there, by (repeat, fold).
+
+        A new or empty folder starts a CV; a folder of a CV with the same configuration
+        resumes it (its finished runs are kept); anything else is refused.
+        """
+        marker = out / CONFIG_JSON
+        config_id = _config_id(self.config)
+        if out.exists() and any(out.iterdir()):
+            if not marker.is_file():
+                raise ConfigError(f"{out} is not empty; choose a new --out or delete it.")
+            recorded = json.loads(marker.read_text()).get("config_hash")
+            if recorded != config_id:
+                raise ConfigError(
+                    f"{out} holds a cross-validation with another configuration (options, "
+                    "config files or labels differ); choose a new --out, or delete it to start "
+                    "over."
+                )
+        else:
+            with atomic_write(marker) as tmp:
+                tmp.write_text(json.dumps({"config_hash": config_id}) + "\n")
+        finished = {}
+        for path in out.glob(f"repeat*/fold*/{RESULT_JSON}"):
+            run = json.loads(path.read_text())
+            finished[(run["repeat"], run["fold"])] = run
+        return finished
+
     def _run_in_processes(
-        self, plan: list[tuple[int, int, int]], jobs: int
+        self, plan: list[tuple[int, int, int]], jobs: int, out: Path
     ) -> list[dict[str, Any]]:
         """Train the planned runs in ``jobs`` fresh processes (one thread each); each rebuilds
         this CLI from the same argv, so a run is what it would be in this process."""
@@ -272,6 +321,7 @@ class CVCLI(MILCLI):
                         "a script that calls milkit.training.cv.main without an `if __name__ == "
                         '"__main__":` guard, which every process re-runs); run with --jobs 1.'
                     ) from error
+                _save_run(out, runs[-1])
                 repeat, fold, _ = futures[future]
                 print(f"cv: repeat {repeat} fold {fold}: {_progress(runs[-1])}")
         order = {(repeat, fold): i for i, (repeat, fold, _) in enumerate(plan)}
@@ -496,6 +546,27 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def _config_id(config: Any) -> str:
+    """Hash of everything that decides a CV's numbers: every option but ``--out`` and
+    ``--jobs`` (the numbers do not depend on them), and the labels CSV's content."""
+    options = {
+        key: value
+        for key, value in config.as_dict().items()
+        if key not in ("out", "jobs", "config", "__path__")
+    }
+    labels = config.data.labels_csv
+    digest = hashlib.sha256(Path(labels).read_bytes()).hexdigest() if labels else None
+    return config_hash(
+        {"options": json.dumps(options, sort_keys=True, default=str), "labels": digest}
+    )
+
+
+def _save_run(out: Path, run: dict[str, Any]) -> None:
+    """Write a finished run's result into its folder, atomically: the run is done."""
+    with atomic_write(out / run["dir"] / RESULT_JSON) as tmp:
+        tmp.write_text(json.dumps(run, indent=2) + "\n")
 
 
 def _finite(value: float) -> float | None:

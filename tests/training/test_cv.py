@@ -123,6 +123,32 @@ def test_a_slide_without_tiles_is_left_out_and_named(
     assert "slide 'glass' has no feature file" in capsys.readouterr().err
 
 
+def test_an_interrupted_cv_resumes_without_redoing_finished_runs(
+    cohort: WitnessCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for out in (whole, resumed):
+        assert _cv(cohort, out, "--folds", "3", "--jobs", "1") == 0
+    # What a kill during fold 2 leaves: no result for it, part of its files, no summary.
+    (resumed / "repeat0" / "fold2" / "result.json").unlink()
+    (resumed / "repeat0" / "fold2" / "predictions.csv").unlink()
+    for name in ("cv_summary.json", "cv_summary.md"):
+        (resumed / name).unlink()
+    finished = [p for p in (resumed / "repeat0").glob("fold[01]/**/*") if p.is_file()]
+    mtimes = {path: path.stat().st_mtime_ns for path in finished}
+    capsys.readouterr()
+
+    assert _cv(cohort, resumed, "--folds", "3", "--jobs", "1") == 0  # the same command
+    assert f"cv: resuming in {resumed}: 2 of 3 runs are done" in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in finished} == mtimes  # not retrained
+    summaries = [json.loads((out / "cv_summary.json").read_text()) for out in (whole, resumed)]
+    assert summaries[1]["metrics"] == summaries[0]["metrics"]
+    assert (resumed / "repeat0" / "fold2" / "predictions.csv").is_file()
+
+    assert _cv(cohort, resumed, "--folds", "3", "--trainer.max_epochs", "4") == 2
+    assert "holds a cross-validation with another configuration" in capsys.readouterr().err
+
+
 def test_cv_refuses_a_used_folder_and_a_split_column(
     cohort: WitnessCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
