@@ -20,21 +20,32 @@ Examples::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from milkit.atomic import atomic_write
 from milkit.data.datamodule import MILDataModule
-from milkit.errors import MilkitError
+from milkit.errors import ConfigError, MilkitError
+from milkit.features.h5 import config_hash
 from milkit.training.callbacks import PredictionWriter
 from milkit.training.module import MILModule
 from milkit.training.threads import threads_for_bags
+
+#: Where ``fit`` keeps its checkpoints under ``default_root_dir``.
+CHECKPOINT_DIR = "checkpoints"
+#: The configuration hash of the ``fit`` run in ``default_root_dir`` (what a rerun must match).
+FIT_CONFIG_JSON = "fit_config.json"
 
 
 class MILCLI(LightningCLI):
@@ -60,8 +71,10 @@ class MILCLI(LightningCLI):
         self.config = parser.parse_args(args)
 
     def before_fit(self) -> None:
-        """Name the classes and the slides left out; train small bags on the CPU with one
-        intra-op thread (:mod:`milkit.training.threads`)."""
+        """Resume an interrupted run of this configuration; name the classes and the slides
+        left out; train small bags on the CPU with one intra-op thread
+        (:mod:`milkit.training.threads`)."""
+        self.resume_if_interrupted()
         cohort = getattr(self.datamodule, "cohort", None)
         if cohort is not None and cohort.class_names and self.trainer.is_global_zero:
             counts = Counter(str(row.target) for row in cohort.rows)
@@ -97,9 +110,43 @@ class MILCLI(LightningCLI):
         """Give the process its thread count back (``fit`` may run inside a longer program)."""
         torch.set_num_threads(self._threads_before)
 
+    def resume_if_interrupted(self) -> None:
+        """``fit`` without ``--ckpt_path`` continues from ``checkpoints/last.ckpt`` of its
+        ``default_root_dir`` when that folder holds a run of the same configuration (recorded
+        in ``fit_config.json``), and refuses a folder of another configuration's run.
+
+        Raises:
+            ConfigError: ``last.ckpt`` exists but was written by another configuration.
+        """
+        root = Path(self.trainer.default_root_dir)
+        last, marker = root / CHECKPOINT_DIR / "last.ckpt", root / FIT_CONFIG_JSON
+        config_id = configuration_id(self.config["fit"], leave_out=("ckpt_path",))
+        fit_options = self.config_init["fit"]
+        if fit_options.get("ckpt_path") is None and last.is_file():
+            recorded = (
+                json.loads(marker.read_text()).get("config_hash") if marker.is_file() else None
+            )
+            if recorded != config_id:
+                raise ConfigError(
+                    f"{root} holds a training run of another configuration ({last}); choose "
+                    f"another --trainer.default_root_dir, or delete {last} to start over."
+                )
+            fit_options["ckpt_path"] = str(last)
+            if self.trainer.is_global_zero:
+                print(f"milkit fit: resuming from {last}", file=sys.stderr)
+        if self.trainer.is_global_zero:  # every rank decides alike; one writes
+            with atomic_write(marker) as tmp:
+                tmp.write_text(json.dumps({"config_hash": config_id}) + "\n")
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Add a :class:`PredictionWriter` for ``predict`` when none is configured."""
+        """Checkpoints written atomically into ``default_root_dir/checkpoints`` (a fixed place
+        to resume from); a :class:`PredictionWriter` for ``predict`` when none is configured."""
+        if self._get(self.config_init, "trainer", default={}).get("plugins") is None:
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         trainer = super().instantiate_trainer(**kwargs)
+        for checkpoint in trainer.checkpoint_callbacks:
+            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is None:
+                checkpoint.dirpath = str(Path(trainer.default_root_dir) / CHECKPOINT_DIR)
         # Lightning's callback connector sets this list; the Trainer class does not declare it.
         callbacks: list[Callback] = cast(Any, trainer).callbacks
         if self.subcommand == "predict" and not any(
@@ -107,6 +154,39 @@ class MILCLI(LightningCLI):
         ):
             callbacks.append(PredictionWriter())
         return trainer
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written through a temporary file renamed into place: a run killed while
+    saving leaves the previous ``last.ckpt`` whole."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Save ``checkpoint`` to ``path`` atomically."""
+        with atomic_write(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def configuration_id(config: Any, *, leave_out: Sequence[str] = ()) -> str:
+    """Hash of a parsed configuration (every option but ``leave_out`` and the config-file
+    paths, whose content is in the options) and of its labels CSV's bytes: what decides a
+    run's numbers, so a rerun can tell it may resume.
+
+    Args:
+        config: The parsed namespace of one subcommand.
+        leave_out: Top-level options that do not change the numbers (e.g. ``--out``).
+    """
+    options = {
+        key: value
+        for key, value in config.as_dict().items()
+        if key not in (*leave_out, "config", "__path__")
+    }
+    labels = config.data.labels_csv
+    digest = hashlib.sha256(Path(labels).read_bytes()).hexdigest() if labels else None
+    return config_hash(
+        {"options": json.dumps(options, sort_keys=True, default=str), "labels": digest}
+    )
 
 
 def cli_kwargs(prog: str = "milkit") -> dict[str, Any]:

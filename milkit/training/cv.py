@@ -49,7 +49,6 @@ Slides without tiles are left out of every fold (``left_out``, with the labels C
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -78,9 +77,8 @@ from milkit.data.cohort import Cohort
 from milkit.data.datamodule import MILDataModule, cohort_bytes
 from milkit.data.labels import read_labels
 from milkit.errors import ConfigError, MilkitError
-from milkit.features.h5 import config_hash
 from milkit.training.callbacks import PredictionWriter
-from milkit.training.cli import MILCLI, cli_kwargs
+from milkit.training.cli import MILCLI, cli_kwargs, configuration_id
 from milkit.training.threads import free_cores, intra_op_threads, small_bags, threads_for_bags
 
 SUMMARY_JSON = "cv_summary.json"
@@ -279,7 +277,7 @@ class CVCLI(MILCLI):
         resumes it (its finished runs are kept); anything else is refused.
         """
         marker = out / CONFIG_JSON
-        config_id = _config_id(self.config)
+        config_id = configuration_id(self.config, leave_out=("out", "jobs"))
         if out.exists() and any(out.iterdir()):
             if not marker.is_file():
                 raise ConfigError(f"{out} is not empty; choose a new --out or delete it.")
@@ -546,21 +544,6 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-
-
-def _config_id(config: Any) -> str:
-    """Hash of everything that decides a CV's numbers: every option but ``--out`` and
-    ``--jobs`` (the numbers do not depend on them), and the labels CSV's content."""
-    options = {
-        key: value
-        for key, value in config.as_dict().items()
-        if key not in ("out", "jobs", "config", "__path__")
-    }
-    labels = config.data.labels_csv
-    digest = hashlib.sha256(Path(labels).read_bytes()).hexdigest() if labels else None
-    return config_hash(
-        {"options": json.dumps(options, sort_keys=True, default=str), "labels": digest}
-    )
 
 
 def _save_run(out: Path, run: dict[str, Any]) -> None:

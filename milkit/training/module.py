@@ -48,6 +48,8 @@ LRDecay = Literal["cosine", "none"]
 
 #: Key of the self-description a checkpoint carries besides Lightning's own entries.
 CHECKPOINT_KEY = "milkit"
+#: Checkpoint entry holding torch's CPU generator state when it was written.
+RNG_KEY = "milkit_rng_state"
 
 
 class MILModule(pl.LightningModule):
@@ -341,6 +343,9 @@ class MILModule(pl.LightningModule):
             "standardized": self.standardizer.fitted,
             "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
         }
+        # Dropout draws from torch's generator: a resumed run continues its sequence, so it
+        # ends with the weights of an uninterrupted one.
+        checkpoint[RNG_KEY] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose classes or feature size disagree with this run's data.
@@ -352,6 +357,8 @@ class MILModule(pl.LightningModule):
         if state is not None and "standardizer.mean" not in state:
             # Written before standardisation existed: those models saw raw features.
             state["standardizer.mean"], state["standardizer.std"] = torch.zeros(0), torch.ones(0)
+        if RNG_KEY in checkpoint:
+            torch.set_rng_state(checkpoint[RNG_KEY])
         saved = checkpoint.get(CHECKPOINT_KEY, {})
         for key, mine, flag in (
             ("class_names", self.class_names, "--data.class_names"),

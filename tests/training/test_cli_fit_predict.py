@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,11 +107,12 @@ def test_checkpoint_round_trips_through_predict(cohort: WitnessCohort, tmp_path:
     cli = build_cli(
         ["fit", *_options(cohort, tmp_path / "fit", "abmil_gated"), "--trainer.max_epochs", "2"]
     )
-    checkpoint = cli.trainer.checkpoint_callback.last_model_path
-    assert Path(checkpoint).name == "last.ckpt" and Path(checkpoint).is_file()
+    checkpoint = tmp_path / "fit" / "checkpoints" / "last.ckpt"  # where the README says
+    assert cli.trainer.checkpoint_callback.best_model_path == str(checkpoint)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1  # the final epoch's model
     run = tmp_path / "predict"
     options = _options(cohort, run, "abmil_gated")
-    assert run_lightning(["predict", *options, "--ckpt_path", checkpoint]) == 0
+    assert run_lightning(["predict", *options, "--ckpt_path", str(checkpoint)]) == 0
 
     with open(run / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -213,7 +218,7 @@ def test_standardisation_is_fitted_on_the_training_part_and_applied_by_predict(
     assert np.allclose(standardizer.mean.numpy(), train_tiles.mean(0), atol=1e-4)
     assert np.allclose(standardizer.std.numpy(), train_tiles.std(0), atol=1e-4)
 
-    checkpoint = cli.trainer.checkpoint_callback.last_model_path
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path  # the one kept: last.ckpt
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["milkit"]["standardized"] is True
     assert torch.equal(saved["state_dict"]["standardizer.mean"], standardizer.mean)
@@ -254,3 +259,35 @@ def test_standardize_auto_leaves_unit_scale_features_alone(
         ["fit", *options, "--trainer.max_epochs", "1", "--model.standardize", standardize]
     )
     assert cli.model.standardizer.fitted is fitted
+
+
+def test_a_killed_fit_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
+    cohort: WitnessCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    epochs = ("--trainer.max_epochs", "40", "--model.model.init_args.hidden_dim", "16")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_lightning(["fit", *_options(cohort, whole, "abmil"), *epochs]) == 0
+    command = ["fit", *_options(cohort, killed, "abmil"), *epochs]
+    process = subprocess.Popen([sys.executable, "-m", "milkit.training.cli", *command])
+    last = killed / "checkpoints" / "last.ckpt"
+    while not last.is_file() and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # as soon as one epoch is saved
+    process.wait()
+    stopped_at = torch.load(last, weights_only=True)["epoch"]
+    assert stopped_at < 39, "the run finished before it was killed"
+    capsys.readouterr()
+
+    assert run_lightning(command) == 0  # the same command again
+    assert f"milkit fit: resuming from {last}" in capsys.readouterr().err
+    resumed, uninterrupted = (
+        torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+        for folder in (killed, whole)
+    )
+    assert resumed["epoch"] == uninterrupted["epoch"] == 39
+    for name, value in uninterrupted["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], value, rtol=0, atol=0)
+
+    other = ["fit", *_options(cohort, killed, "abmil"), "--trainer.max_epochs", "3"]
+    assert run_lightning(other) == 2
+    assert "holds a training run of another configuration" in capsys.readouterr().err

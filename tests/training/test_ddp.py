@@ -58,7 +58,7 @@ def test_ddp_fit_test_predict_on_two_cpu_processes(tmp_path: Path) -> None:
         "--trainer.default_root_dir",
         str(tmp_path / "fit"),
     )
-    checkpoint = tmp_path / "fit" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = tmp_path / "fit" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_file()
 
     milkit(
