@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -136,6 +137,32 @@ def _tiling_job(
     return options, slides, shard, mpp_by_slide
 
 
+def _batch_os_error(command: str, out_dir: Path, slides: Sequence[Path], exc: OSError) -> int:
+    """One line for an OS error that stopped a batch (disk full, a folder gone, permissions),
+    after removing the half-written files of this run's slides; finished files stay.
+
+    Returns:
+        The exit code, 1.
+    """
+    from milkit.atomic import TMP_SUFFIX
+    from milkit.slides.reader import slide_id_from_path
+
+    mine = {f"{slide_id_from_path(slide)}.h5{TMP_SUFFIX}" for slide in slides}
+    for folder in ("coords", "features"):  # another shard's files in progress are not ours
+        for leftover in (out_dir / folder).glob(f"*{TMP_SUFFIX}"):
+            if leftover.name in mine:
+                leftover.unlink(missing_ok=True)
+    where = f" ({exc.filename})" if exc.filename else ""
+    fix = "free some space" if exc.errno == errno.ENOSPC else "fix the cause"
+    print(
+        f"milkit {command}: error: {exc.strerror or exc}{where}. Finished slides are kept: "
+        f"{fix} and rerun the same command to do the rest (errors so far: "
+        f"{out_dir / 'errors.csv'}).",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def _add_tile(subparsers: argparse._SubParsersAction) -> None:
     from milkit.pipeline.tile import default_workers
 
@@ -158,11 +185,14 @@ def _run_tile(args: argparse.Namespace) -> int:
     from milkit.pipeline.tile import run_tiling
 
     options, slides, shard, mpp_by_slide = _tiling_job(args)
-    with tqdm(total=len(slides), desc="tile", unit="slide") as bar:
-        summary, errors_path = run_tiling(
-            slides, args.out_dir, options, mpp_by_slide=mpp_by_slide, workers=args.workers,
-            shard=shard, progress=bar.update,
-        )  # fmt: skip
+    try:
+        with tqdm(total=len(slides), desc="tile", unit="slide") as bar:
+            summary, errors_path = run_tiling(
+                slides, args.out_dir, options, mpp_by_slide=mpp_by_slide, workers=args.workers,
+                shard=shard, progress=bar.update,
+            )  # fmt: skip
+    except OSError as exc:
+        return _batch_os_error("tile", args.out_dir, slides, exc)
     print(summary.format(errors_path=errors_path))
     return 1 if summary.failed else 0
 
@@ -254,11 +284,14 @@ def _run_preprocess(args: argparse.Namespace) -> int:
         weights_path=args.encoder_weights,
         seed=args.seed,
     )
-    tile_summary, feature_summary, errors_path = run_preprocess(
-        slides, args.out_dir, encoder, tiling=tiling, extraction=extraction,
-        mpp_by_slide=mpp_by_slide, device=device,
-        tiling_workers=args.tiling_workers, shard=shard, devices=args.devices, num_nodes=args.num_nodes,
-    )  # fmt: skip
+    try:
+        tile_summary, feature_summary, errors_path = run_preprocess(
+            slides, args.out_dir, encoder, tiling=tiling, extraction=extraction,
+            mpp_by_slide=mpp_by_slide, device=device, tiling_workers=args.tiling_workers,
+            shard=shard, devices=args.devices, num_nodes=args.num_nodes,
+        )  # fmt: skip
+    except OSError as exc:
+        return _batch_os_error("preprocess", args.out_dir, slides, exc)
     print(tile_summary.format(errors_path=errors_path))
     print(feature_summary.format(errors_path=errors_path))
     return 1 if tile_summary.failed or feature_summary.failed else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from milkit.features.encoders import Encoder, load_encoder
 from milkit.features.extract import ExtractionOptions, ExtractionTiming
 from milkit.features.h5 import file_status
 from milkit.features.tile_file import read_bag, read_coords
+from milkit.pipeline.batch import ErrorLog
 from milkit.pipeline.jobs import features_path
 from milkit.pipeline.preprocess import run_preprocess
 from milkit.pipeline.tile import TilingOptions
@@ -315,3 +317,31 @@ def test_the_timing_line_says_what_bounds_extraction() -> None:
         "may help)"
     )
     assert "tiles/s: 100 overall, 200 for the model alone" in read_bound.describe()
+
+
+def test_a_full_disk_stops_the_batch_with_one_line_and_no_half_written_files(
+    slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    assert _cli_preprocess(slides, out) == 0  # three slides done
+    (out / "features" / "s1.h5").unlink()  # one to redo
+
+    def disk_full(job, *args, **kwargs):  # the writer's first bytes do not fit
+        Path(job.out_path + ".tmp").write_bytes(b"")
+        raise OSError(errno.ENOSPC, "No space left on device", job.out_path + ".tmp")
+
+    def log_full(self, *args, **kwargs):  # nor does the error log's row
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr("milkit.pipeline.preprocess.run_job", disk_full)
+    monkeypatch.setattr(ErrorLog, "record_message", log_full)
+    capsys.readouterr()
+    assert _cli_preprocess(slides, out) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith(
+        f"milkit preprocess: error: No space left on device ({out / 'errors.csv'}). Finished "
+        "slides are kept: free some space and rerun the same command"
+    )
+    assert "Traceback" not in "\n".join(error)
+    assert not list((out / "features").glob("*.tmp"))  # no half-written file left
+    assert sorted(p.name for p in (out / "features").glob("*.h5")) == ["s0.h5", "s2.h5"]
