@@ -140,11 +140,13 @@ class TileDecoder:
 
     Args:
         path: The slide file (opened read-only here; each process opens its own).
-        max_bytes: Most bytes of decoded tiles kept (64 MiB: the stored tiles under a
-            block of :class:`~milkit.features.extract.TileDataset` and its neighbours').
+        max_bytes: Most bytes of decoded tiles kept. 16 MiB holds the two rows of stored
+            tiles a block of :class:`~milkit.features.extract.TileDataset` walks over (each is
+            still decoded once), and bounds what random access (DINO's tile sampling keeps
+            eight slides open per worker) holds on to.
     """
 
-    def __init__(self, path: str | Path, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, path: str | Path, max_bytes: int = 16 << 20) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.decoded = 0  # tiles decoded so far (not served from the store)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +30,11 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> WitnessCohort:
 
 
 def _cv(cohort: WitnessCohort, out: Path, *extra: str) -> int:
-    return main(
+    return main(_cv_args(cohort, out, *extra))
+
+
+def _cv_args(cohort: WitnessCohort, out: Path, *extra: str) -> list[str]:
+    return (
         [
             "--config", str(CONFIGS / "experiments" / "abmil.yaml"),
             "--data.features_dir", str(cohort.features_dir),
@@ -123,29 +131,32 @@ def test_a_slide_without_tiles_is_left_out_and_named(
     assert "slide 'glass' has no feature file" in capsys.readouterr().err
 
 
-def test_an_interrupted_cv_resumes_without_redoing_finished_runs(
+def test_a_killed_cv_resumes_without_redoing_finished_runs(
     cohort: WitnessCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    for out in (whole, resumed):
-        assert _cv(cohort, out, "--folds", "3", "--jobs", "1") == 0
-    # What a kill during fold 2 leaves: no result for it, part of its files, no summary.
-    (resumed / "repeat0" / "fold2" / "result.json").unlink()
-    (resumed / "repeat0" / "fold2" / "predictions.csv").unlink()
-    for name in ("cv_summary.json", "cv_summary.md"):
-        (resumed / name).unlink()
+    extra = ("--folds", "3", "--jobs", "1", "--trainer.max_epochs", "30")
+    assert _cv(cohort, whole, *extra) == 0
+    command = [sys.executable, "-m", "milkit.training.cv", *_cv_args(cohort, resumed, *extra)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fold1 = resumed / "repeat0" / "fold1" / "result.json"
+    while not fold1.is_file() and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # as soon as fold 1 is done
+    process.wait()
+    assert fold1.is_file() and not (resumed / "cv_summary.json").exists(), "not killed in time"
     finished = [p for p in (resumed / "repeat0").glob("fold[01]/**/*") if p.is_file()]
     mtimes = {path: path.stat().st_mtime_ns for path in finished}
     capsys.readouterr()
 
-    assert _cv(cohort, resumed, "--folds", "3", "--jobs", "1") == 0  # the same command
+    assert _cv(cohort, resumed, *extra) == 0  # the same command again
     assert f"cv: resuming in {resumed}: 2 of 3 runs are done" in capsys.readouterr().out
     assert {path: path.stat().st_mtime_ns for path in finished} == mtimes  # not retrained
     summaries = [json.loads((out / "cv_summary.json").read_text()) for out in (whole, resumed)]
     assert summaries[1]["metrics"] == summaries[0]["metrics"]
     assert (resumed / "repeat0" / "fold2" / "predictions.csv").is_file()
 
-    assert _cv(cohort, resumed, "--folds", "3", "--trainer.max_epochs", "4") == 2
+    assert _cv(cohort, resumed, *extra, "--trainer.max_epochs", "4") == 2
     assert "holds a cross-validation with another configuration" in capsys.readouterr().err
 
 
