@@ -33,6 +33,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from milkit.atomic import atomic_write
 from milkit.data.datamodule import MILDataModule
@@ -120,6 +121,9 @@ class MILCLI(LightningCLI):
         """
         root = Path(self.trainer.default_root_dir)
         last, marker = root / CHECKPOINT_DIR / "last.ckpt", root / FIT_CONFIG_JSON
+        # Before fit the trainer does not know its rank yet; Lightning's launcher has put it
+        # in the environment, where rank_zero_only reads it.
+        first_rank = int(getattr(rank_zero_only, "rank", 0)) == 0
         config_id = configuration_id(self.config["fit"], leave_out=("ckpt_path",))
         fit_options = self.config_init["fit"]
         if fit_options.get("ckpt_path") is None and last.is_file():
@@ -132,11 +136,12 @@ class MILCLI(LightningCLI):
                     f"another --trainer.default_root_dir, or delete {last} to start over."
                 )
             fit_options["ckpt_path"] = str(last)
-            if self.trainer.is_global_zero:
+            if first_rank:
                 print(f"milkit fit: resuming from {last}", file=sys.stderr)
-        if self.trainer.is_global_zero:  # every rank decides alike; one writes
+        record = json.dumps({"config_hash": config_id}) + "\n"
+        if first_rank and not (marker.is_file() and marker.read_text() == record):  # one writes
             with atomic_write(marker) as tmp:
-                tmp.write_text(json.dumps({"config_hash": config_id}) + "\n")
+                tmp.write_text(record)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Checkpoints written atomically into ``default_root_dir/checkpoints`` (a fixed place
