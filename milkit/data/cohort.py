@@ -66,14 +66,15 @@ class Cohort:
     def notes(self) -> list[str]:
         """Lines naming what the cohort leaves out: slides without tiles, feature files
         without a row in the labels CSV."""
-        notes = [self.left_out_line()] if self.left_out else []
+        left_out = self.left_out_line()
+        notes = [left_out] if left_out is not None else []
         if self.unlabelled and self.labels is not None:
             named = ", ".join(self.unlabelled[:5]) + (" ..." if len(self.unlabelled) > 5 else "")
             notes.append(
                 f"{len(self.unlabelled)} feature file(s) have no row in {self.labels.path} and "
                 f"are not used: {named}"
             )
-        return [note for note in notes if note is not None]
+        return notes
 
     def left_out_line(self) -> str | None:
         """One line naming the slides left out for having no tiles; None when there are none."""

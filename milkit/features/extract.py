@@ -166,6 +166,49 @@ def plan_blocks(coords_level0: np.ndarray, block_level0: int) -> list[np.ndarray
 
 
 @dataclass
+class ExtractionTiming:
+    """Where extraction's time went, so a user sees whether reading or the model bounds it.
+
+    Attributes:
+        n_tiles: Tiles encoded.
+        read_seconds: Seconds the model waited for tiles.
+        model_seconds: Seconds in the model (preprocessing and forward).
+    """
+
+    n_tiles: int = 0
+    read_seconds: float = 0.0
+    model_seconds: float = 0.0
+
+    def add(self, other: ExtractionTiming) -> None:
+        """Add another slide's times to these."""
+        self.n_tiles += other.n_tiles
+        self.read_seconds += other.read_seconds
+        self.model_seconds += other.model_seconds
+
+    def describe(self) -> str:
+        """One line: tiles/s overall and for the model alone, and which one bounds the run."""
+        total = self.read_seconds + self.model_seconds
+        waiting = self.read_seconds / total if total > 0 else 0.0
+        bound = "reading tiles" if waiting > 0.1 else "the model"
+        return (
+            f"tiles/s: {self.n_tiles / max(total, 1e-9):,.0f} overall, "
+            f"{self.n_tiles / max(self.model_seconds, 1e-9):,.0f} for the model alone; "
+            f"{waiting:.0%} of the time waiting for tiles: {bound} bounds this run"
+            + (" (more --num-workers may help)" if bound == "reading tiles" else "")
+        )
+
+
+def default_loader_workers() -> int:
+    """Tile-reading workers by default: every core this process may use but one (for the
+    model), at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+@dataclass
 class ExtractionResult:
     """What extracting one slide produced."""
 
@@ -173,7 +216,7 @@ class ExtractionResult:
     n_tiles: int
     n_skipped: int
     path: Path
-    timing: ExtractionTiming = field(default_factory=lambda: ExtractionTiming())
+    timing: ExtractionTiming = field(default_factory=ExtractionTiming)
 
 
 @dataclass(frozen=True)
@@ -189,19 +232,9 @@ class ExtractionOptions:
     """
 
     batch_size: int = 64
-    num_workers: int = field(default_factory=lambda: default_loader_workers())
+    num_workers: int = field(default_factory=default_loader_workers)
     precision: Precision = "auto"
     dtype: Literal["float16", "float32"] = "float16"
-
-
-def default_loader_workers() -> int:
-    """Tile-reading workers by default: every core this process may use but one (for the
-    model), at least one."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
 
 
 def iterate_features(
@@ -286,39 +319,6 @@ def _encode(
     with torch.inference_mode(), autocast:
         embeddings = encoder(encoder.preprocess(tiles.to(device, non_blocking=True)))
     return embeddings.float().cpu().numpy()
-
-
-@dataclass
-class ExtractionTiming:
-    """Where extraction's time went, so a user sees whether reading or the model bounds it.
-
-    Attributes:
-        n_tiles: Tiles encoded.
-        read_seconds: Seconds the model waited for tiles.
-        model_seconds: Seconds in the model (preprocessing and forward).
-    """
-
-    n_tiles: int = 0
-    read_seconds: float = 0.0
-    model_seconds: float = 0.0
-
-    def add(self, other: ExtractionTiming) -> None:
-        """Add another slide's times to these."""
-        self.n_tiles += other.n_tiles
-        self.read_seconds += other.read_seconds
-        self.model_seconds += other.model_seconds
-
-    def describe(self) -> str:
-        """One line: tiles/s overall and for the model alone, and which one bounds the run."""
-        total = self.read_seconds + self.model_seconds
-        waiting = self.read_seconds / total if total > 0 else 0.0
-        bound = "reading tiles" if waiting > 0.1 else "the model"
-        return (
-            f"tiles/s: {self.n_tiles / max(total, 1e-9):,.0f} overall, "
-            f"{self.n_tiles / max(self.model_seconds, 1e-9):,.0f} for the model alone; "
-            f"{waiting:.0%} of the time waiting for tiles: {bound} bounds this run"
-            + (" (more --num-workers may help)" if bound == "reading tiles" else "")
-        )
 
 
 def extract_slide(

@@ -520,11 +520,15 @@ def _why_unreadable(path: Path) -> str | None:
     offset_bytes = head[8:16] if big else head[4:8]
     first_directory = int.from_bytes(offset_bytes, "little" if head[:2] == b"II" else "big")
     size = path.stat().st_size
-    if first_directory >= size:
+
+    def cut_short(what: str, byte: int) -> str:
         return (
-            f"the TIFF is cut short: its image directory lies at byte {first_directory:,} but "
-            f"the file has {size:,} bytes (an interrupted copy?). Copy it again from the scanner."
+            f"the TIFF is cut short: its {what} byte {byte:,} but the file has {size:,} bytes "
+            "(an interrupted copy?). Copy it again from the scanner."
         )
+
+    if first_directory >= size:
+        return cut_short("image directory lies at", first_directory)
     import tifffile
 
     try:
@@ -537,12 +541,7 @@ def _why_unreadable(path: Path) -> str | None:
             ]
     except Exception as exc:  # tifffile's errors vary by damage; the message says what broke
         return f"a damaged TIFF ({exc}). Copy it again from the scanner."
-    if ends and max(ends) > size:
-        return (
-            f"the TIFF is cut short: its image data runs to byte {max(ends):,} but the file has "
-            f"{size:,} bytes (an interrupted copy?). Copy it again from the scanner."
-        )
-    return None
+    return cut_short("image data runs to", max(ends)) if ends and max(ends) > size else None
 
 
 def _looks_like_text(path: Path) -> bool:

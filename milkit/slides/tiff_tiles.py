@@ -75,7 +75,7 @@ def index_levels(
     Args:
         path: The slide file.
         level_dimensions: ``(width, height)`` of every level as OpenSlide reports them; each is
-            matched with the tiled page of those dimensions in the file's main series.
+            matched with the file's first readable tiled page of those dimensions.
 
     Returns:
         Level number -> its index, for every level read directly (possibly none).

@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 
 from milkit.errors import ConfigError, FeatureFileError
 from milkit.features.tile_file import TILING_OPTIONS_ATTR, read_coords
-from milkit.slides.folder import find_slides
-from milkit.slides.reader import SlideReader, open_slide, slide_id_from_path
+from milkit.slides.folder import index_slides
+from milkit.slides.reader import SlideReader, open_slide
 from milkit.slides.tiling import TileSpec, read_tile
 
 __all__ = ["CohortTileDataset", "SlideTiles", "find_slide_tiles"]
@@ -48,13 +48,6 @@ class SlideTiles:
     tile_spec: TileSpec
     coords_level0: np.ndarray
     tiling_options: dict[str, Any] | None = None
-
-
-def _slides_by_id(slides_dir: Path) -> dict[str, list[Path]]:
-    by_id: dict[str, list[Path]] = {}
-    for path in find_slides(slides_dir):
-        by_id.setdefault(slide_id_from_path(path), []).append(path)
-    return by_id
 
 
 def find_slide_tiles(
@@ -84,7 +77,8 @@ def find_slide_tiles(
             f"{coords_dir}: no coordinate files (*.h5); run `milkit tile SLIDES OUT` and pass "
             "--data.coords_dir OUT/coords."
         )
-    by_id = _slides_by_id(Path(slides_dir)) if slides_dir is not None else {}
+    # index_slides refuses a folder where two slides share an id.
+    by_id = index_slides(slides_dir) if slides_dir is not None else {}
     found: list[SlideTiles] = []
     skipped: list[str] = []
     missing: list[str] = []
@@ -102,16 +96,9 @@ def find_slide_tiles(
             skipped.append(f"{path.name} (no tiles)")
             continue
         slide_id = str(tiles.attrs.get("slide_id") or path.stem)
-        candidates = by_id.get(slide_id, [])
-        if len(candidates) > 1:
-            raise ConfigError(
-                f"{slides_dir}: several slides are named {slide_id!r} "
-                f"({', '.join(map(str, candidates))}); keep one or point --data.slides_dir "
-                "at a folder where ids are unique."
-            )
         recorded = tiles.attrs.get("slide_path")
-        if candidates:
-            slide_path = candidates[0]
+        if slide_id in by_id:
+            slide_path = by_id[slide_id]
         elif recorded and Path(recorded).is_file():
             slide_path = Path(recorded)
         else:

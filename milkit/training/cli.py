@@ -126,10 +126,8 @@ class MILCLI(LightningCLI):
         first_rank = int(getattr(rank_zero_only, "rank", 0)) == 0
         config_id = configuration_id(self.config["fit"], leave_out=("ckpt_path",))
         fit_options = self.config_init["fit"]
+        recorded = recorded_configuration(marker)
         if fit_options.get("ckpt_path") is None and last.is_file():
-            recorded = (
-                json.loads(marker.read_text()).get("config_hash") if marker.is_file() else None
-            )
             if recorded != config_id:
                 raise ConfigError(
                     f"{root} holds a training run of another configuration ({last}); choose "
@@ -138,10 +136,8 @@ class MILCLI(LightningCLI):
             fit_options["ckpt_path"] = str(last)
             if first_rank:
                 print(f"milkit fit: resuming from {last}", file=sys.stderr)
-        record = json.dumps({"config_hash": config_id}) + "\n"
-        if first_rank and not (marker.is_file() and marker.read_text() == record):  # one writes
-            with atomic_write(marker) as tmp:
-                tmp.write_text(record)
+        if first_rank and recorded != config_id:  # every rank decides alike; one writes
+            record_configuration(marker, config_id)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Checkpoints written atomically into ``default_root_dir/checkpoints`` (a fixed place
@@ -192,6 +188,26 @@ def configuration_id(config: Any, *, leave_out: Sequence[str] = ()) -> str:
     return config_hash(
         {"options": json.dumps(options, sort_keys=True, default=str), "labels": digest}
     )
+
+
+def recorded_configuration(marker: Path) -> str | None:
+    """The configuration hash a run folder's marker file records; None without one.
+
+    Args:
+        marker: ``fit_config.json`` or ``cv_config.json``.
+    """
+    return json.loads(marker.read_text()).get("config_hash") if marker.is_file() else None
+
+
+def record_configuration(marker: Path, config_id: str) -> None:
+    """Write (atomically) the :func:`configuration_id` of the run in the marker's folder.
+
+    Args:
+        marker: ``fit_config.json`` or ``cv_config.json``.
+        config_id: The hash.
+    """
+    with atomic_write(marker) as tmp:
+        tmp.write_text(json.dumps({"config_hash": config_id}) + "\n")
 
 
 def cli_kwargs(prog: str = "milkit") -> dict[str, Any]:

@@ -78,7 +78,13 @@ from milkit.data.datamodule import MILDataModule, cohort_bytes
 from milkit.data.labels import read_labels
 from milkit.errors import ConfigError, MilkitError
 from milkit.training.callbacks import PredictionWriter
-from milkit.training.cli import MILCLI, cli_kwargs, configuration_id
+from milkit.training.cli import (
+    MILCLI,
+    cli_kwargs,
+    configuration_id,
+    record_configuration,
+    recorded_configuration,
+)
 from milkit.training.threads import free_cores, intra_op_threads, small_bags, threads_for_bags
 
 SUMMARY_JSON = "cv_summary.json"
@@ -281,16 +287,14 @@ class CVCLI(MILCLI):
         if out.exists() and any(out.iterdir()):
             if not marker.is_file():
                 raise ConfigError(f"{out} is not empty; choose a new --out or delete it.")
-            recorded = json.loads(marker.read_text()).get("config_hash")
-            if recorded != config_id:
+            if recorded_configuration(marker) != config_id:
                 raise ConfigError(
                     f"{out} holds a cross-validation with another configuration (options, "
                     "config files or labels differ); choose a new --out, or delete it to start "
                     "over."
                 )
         else:
-            with atomic_write(marker) as tmp:
-                tmp.write_text(json.dumps({"config_hash": config_id}) + "\n")
+            record_configuration(marker, config_id)
         finished = {}
         for path in out.glob(f"repeat*/fold*/{RESULT_JSON}"):
             run = json.loads(path.read_text())
