@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,22 @@ from milkit import __version__
 from milkit.errors import MilkitError
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class _ListEncoders(argparse.Action):
+    """``--list-encoders``: print the named encoder presets and exit (no other argument needed)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from milkit.features.encoder_presets import presets_help
+
+        print(
+            "Encoder presets (name, feature size, weights, licence); --encoder also takes any "
+            "timm model name, hf-hub:ORG/NAME or local-dir:PATH.\n" + presets_help()
+        )
+        parser.exit()
 
 
 def _add_synth(subparsers: argparse._SubParsersAction) -> None:
@@ -112,16 +128,24 @@ def _add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
         help="process only shard I of N (0-based), for cluster arrays",
     )
     parser.add_argument("--no-recursive", action="store_true", help="do not search sub-folders")
-    # fmt: skip
+    parser.add_argument(
+        "--slide-id-from",
+        choices=("stem", "relative-path"),
+        default="stem",
+        help="slide ids (which name every output file and the labels CSV rows): the file name "
+        "without extension (default), or the path below the slide folder with folders joined "
+        "by '__' (siteA/case1.svs -> siteA__case1), for folders that reuse file names",
+    )
 
 
 def _tiling_job(
     args: argparse.Namespace,
-) -> tuple[Any, list[Path], tuple[int, int], dict[str, float] | None]:
-    """Tiling options, this shard's slides, the shard and per-slide mpps from ``tile``/``preprocess`` args."""
+) -> tuple[Any, dict[str, Path], tuple[int, int], dict[str, float] | None]:
+    """Tiling options, this shard's slides (id -> file), the shard and per-slide mpps from
+    ``tile``/``preprocess`` args."""
     from milkit.pipeline.batch import parse_shard, take_shard
     from milkit.pipeline.tile import TilingOptions, read_mpp_csv
-    from milkit.slides.folder import find_slides
+    from milkit.slides.folder import find_slides_by_id
 
     options = TilingOptions(
         target_mpp=args.mpp,
@@ -132,12 +156,15 @@ def _tiling_job(
         slide_mpp=args.slide_mpp,
     )
     shard = parse_shard(args.shard)
-    slides = take_shard(find_slides(args.slides_dir, recursive=not args.no_recursive), *shard)
+    found = find_slides_by_id(
+        args.slides_dir, id_from=args.slide_id_from, recursive=not args.no_recursive
+    )
+    slides = dict(take_shard(list(found.items()), *shard))
     mpp_by_slide = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
     return options, slides, shard, mpp_by_slide
 
 
-def _batch_os_error(command: str, out_dir: Path, slides: Sequence[Path], exc: OSError) -> int:
+def _batch_os_error(command: str, out_dir: Path, slide_ids: Iterable[str], exc: OSError) -> int:
     """One line for an OS error that stopped a batch (disk full, a folder gone, permissions),
     after removing the half-written files of this run's slides; finished files stay.
 
@@ -145,9 +172,8 @@ def _batch_os_error(command: str, out_dir: Path, slides: Sequence[Path], exc: OS
         The exit code, 1.
     """
     from milkit.atomic import TMP_SUFFIX
-    from milkit.slides.reader import slide_id_from_path
 
-    mine = {f"{slide_id_from_path(slide)}.h5{TMP_SUFFIX}" for slide in slides}
+    mine = {f"{slide_id}.h5{TMP_SUFFIX}" for slide_id in slide_ids}
     for folder in ("coords", "features"):  # another shard's files in progress are not ours
         for leftover in (out_dir / folder).glob(f"*{TMP_SUFFIX}"):
             if leftover.name in mine:
@@ -212,6 +238,9 @@ def _add_preprocess(subparsers: argparse._SubParsersAction) -> None:
         "--encoder",
         default="vit_small_patch16_224",
         help="timm name, hf-hub:ORG/NAME, local-dir:PATH or a preset (see --list-encoders)",
+    )
+    parser.add_argument(
+        "--list-encoders", action=_ListEncoders, help="print the encoder presets and exit"
     )
     parser.add_argument(
         "--encoder-weights",

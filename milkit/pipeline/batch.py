@@ -15,8 +15,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from milkit.errors import ConfigError, MilkitError
+
+T = TypeVar("T")
 
 #: Per-slide outcomes in the order summaries print them.
 OUTCOMES = ("done", "skipped", "no_tissue", "failed")
@@ -42,7 +45,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def take_shard(items: Sequence[Path], index: int, count: int) -> list[Path]:
+def take_shard(items: Sequence[T], index: int, count: int) -> list[T]:
     """Every ``count``-th item starting at ``index``: shards are disjoint and cover the list."""
     return list(items[index::count])
 

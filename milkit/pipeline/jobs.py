@@ -20,7 +20,7 @@ from milkit.features.extract import ExtractionOptions, ExtractionResult, extract
 from milkit.features.h5 import config_hash, file_status
 from milkit.features.tile_file import read_header
 from milkit.pipeline.tile import TilingOptions, coords_path, tiling_hash
-from milkit.slides.reader import slide_id_from_path
+from milkit.slides.folder import as_slides_by_id
 
 
 def features_path(out_dir: Path, slide_id: str) -> Path:
@@ -57,7 +57,7 @@ class SlideJob:
 
 
 def pending_jobs(
-    slides: Sequence[Path],
+    slides: Sequence[Path] | Mapping[str, Path],
     out_dir: Path,
     encoder: Encoder,
     options: ExtractionOptions,
@@ -72,7 +72,7 @@ def pending_jobs(
     stage has already recorded them.
 
     Args:
-        slides: Slides of this shard.
+        slides: Slides of this shard: files (ids: their stems) or slide id -> file.
         out_dir: Output folder.
         encoder: Tile encoder.
         options: Extraction options.
@@ -83,8 +83,7 @@ def pending_jobs(
         ``(jobs, finished)`` where ``finished`` holds ``(slide_id, n_tiles)`` of skipped slides.
     """
     jobs, finished = [], []
-    for slide in slides:
-        slide_id = slide_id_from_path(slide)
+    for slide_id, slide in as_slides_by_id(slides).items():
         coords_file = coords_path(out_dir, slide_id)
         tiled = tiling_hash(tiling, mpp_by_slide.get(slide_id))
         if file_status(coords_file, config_hash=tiled) != "complete":

@@ -23,7 +23,7 @@ from milkit.pipeline.tile import TilingOptions, run_tiling
 
 
 def run_preprocess(
-    slides: Sequence[Path],
+    slides: Sequence[Path] | Mapping[str, Path],
     out_dir: Path,
     encoder: Encoder,
     *,
@@ -40,7 +40,7 @@ def run_preprocess(
     """Tile, then extract features for every slide of this shard.
 
     Args:
-        slides: Slides of this shard.
+        slides: Slides of this shard: files (ids: their stems) or slide id -> file.
         out_dir: Output folder.
         encoder: Tile encoder.
         tiling: Tiling options.

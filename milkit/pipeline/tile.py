@@ -27,8 +27,9 @@ from milkit.errors import ConfigError
 from milkit.features.h5 import config_hash, file_status, remove_stale_tmp_files
 from milkit.features.tile_file import TILING_OPTIONS_ATTR, write_coords_file
 from milkit.pipeline.batch import BatchSummary, ErrorLog, shard_suffix
+from milkit.slides.folder import as_slides_by_id
 from milkit.slides.overlay import draw_overlay, save_mask_png, save_png
-from milkit.slides.reader import open_slide, slide_id_from_path
+from milkit.slides.reader import open_slide
 from milkit.slides.tiling import plan_tile_spec
 from milkit.slides.tiling_options import TilingOptions, slide_tiling_options
 from milkit.slides.tissue import (
@@ -74,7 +75,12 @@ def tiling_hash(options: TilingOptions, slide_mpp: float | None) -> str:
 
 
 def tile_slide(
-    slide_path: Path, out_dir: Path, options: TilingOptions, *, slide_mpp: float | None = None
+    slide_path: Path,
+    out_dir: Path,
+    options: TilingOptions,
+    *,
+    slide_mpp: float | None = None,
+    slide_id: str | None = None,
 ) -> SlideTiling:
     """Detect tissue, plan the grid and write the coordinate file, mask and thumbnail of one slide.
 
@@ -83,6 +89,7 @@ def tile_slide(
         out_dir: Output folder of the stage.
         options: Tiling options.
         slide_mpp: Scan resolution for this slide, overriding ``options.slide_mpp`` and the file.
+        slide_id: Names the output files (default: the file's stem).
 
     Returns:
         The outcome (``done`` or ``no_tissue``); failures raise.
@@ -117,7 +124,7 @@ def tile_slide(
         if options.min_tissue == 0.0:
             keep &= fractions > 0.0
         coords, kept_fractions = candidates[keep], fractions[keep].astype(np.float32)
-        slide_id = reader.slide_id
+        slide_id = slide_id or reader.slide_id
         save_mask_png(out_dir / "masks" / f"{slide_id}.png", detection.mask)
         overlay = draw_overlay(
             thumbnail,
@@ -160,15 +167,14 @@ def tile_slide(
 
 
 def _tile_or_skip(
-    slide_path: Path, out_dir: Path, options: TilingOptions, slide_mpp: float | None
+    slide_id: str, slide_path: Path, out_dir: Path, options: TilingOptions, slide_mpp: float | None
 ) -> SlideTiling:
     """Tile a slide unless its finished coordinate file is already there; capture failures."""
-    slide_id = slide_id_from_path(slide_path)
     target = coords_path(out_dir, slide_id)
     if file_status(target, config_hash=tiling_hash(options, slide_mpp)) == "complete":
         return SlideTiling(slide_id=slide_id, slide_path=str(slide_path), outcome="skipped")
     try:
-        return tile_slide(slide_path, out_dir, options, slide_mpp=slide_mpp)
+        return tile_slide(slide_path, out_dir, options, slide_mpp=slide_mpp, slide_id=slide_id)
     except Exception as exc:  # one bad slide never stops the batch; the error is recorded
         return SlideTiling(
             slide_id=slide_id, slide_path=str(slide_path), outcome="failed", error=exc
@@ -202,7 +208,7 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
 
 
 def run_tiling(
-    slides: Sequence[Path],
+    slides: Sequence[Path] | Mapping[str, Path],
     out_dir: Path,
     options: TilingOptions,
     *,
@@ -215,7 +221,7 @@ def run_tiling(
     """Tile every slide, skipping finished ones, recording failures and going on.
 
     Args:
-        slides: Slides of this shard.
+        slides: Slides of this shard: files (ids: their stems) or slide id -> file.
         out_dir: Output folder.
         options: Tiling options.
         mpp_by_slide: Scan resolution per slide id, for slides whose files record none.
@@ -234,7 +240,10 @@ def run_tiling(
     log_path = out_dir / f"tile_log{suffix}.csv"
     summary = BatchSummary(stage="tile")
     mpp_by_slide = mpp_by_slide or {}
-    jobs = [(path, mpp_by_slide.get(slide_id_from_path(path))) for path in slides]
+    jobs = [
+        (slide_id, path, mpp_by_slide.get(slide_id))
+        for slide_id, path in as_slides_by_id(slides).items()
+    ]
     with log_path.open("w", newline="") as log_handle:
         log = csv.writer(log_handle)
         log.writerow(
@@ -256,12 +265,13 @@ def run_tiling(
                 progress(1)
 
         if workers <= 1:
-            for path, mpp in jobs:
-                record(_tile_or_skip(path, out_dir, options, mpp))
+            for slide_id, path, mpp in jobs:
+                record(_tile_or_skip(slide_id, path, out_dir, options, mpp))
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 futures = [
-                    pool.submit(_tile_or_skip, path, out_dir, options, mpp) for path, mpp in jobs
+                    pool.submit(_tile_or_skip, slide_id, path, out_dir, options, mpp)
+                    for slide_id, path, mpp in jobs
                 ]
                 for future in as_completed(futures):
                     record(future.result())

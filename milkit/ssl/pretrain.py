@@ -40,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from milkit.errors import ConfigError, MilkitError
 from milkit.features.extract import cpu_supports_bf16
+from milkit.slides.reader import slide_id_from_path
 from milkit.slides.tiling_options import tiling_flags
 from milkit.ssl.data import TileDataHParams, TileDataModule
 from milkit.ssl.dino_module import DINOModule
@@ -190,7 +191,7 @@ def _next_command(datamodule: TileDataModule, encoder_dir: Path, run_dir: Path) 
 
     It tiles as the training tiles were tiled (the options their coordinate files record,
     scan resolutions given by ``--slide-mpp`` or ``--mpp-csv`` included, so the tiles are
-    found done), into their tiling folder. Slides opened at different scan resolutions get
+    found done), into their tiling folder, with the slide ids they carry. Slides opened at different scan resolutions get
     ``RUN_DIR/slide_mpp.csv``.
     """
     slides = datamodule.slides
@@ -203,6 +204,8 @@ def _next_command(datamodule: TileDataModule, encoder_dir: Path, run_dir: Path) 
         spec = slides[0].tile_spec
         flags, n_other = ["--mpp", str(spec.target_mpp), "--tile-size", str(spec.tile_size_px)], 0
         flags += ["--overlap", str(spec.overlap_px)] if spec.overlap_px else []
+    if any(s.slide_id != slide_id_from_path(s.slide_path) for s in slides):
+        flags += ["--slide-id-from", "relative-path"]  # the ids the coordinate files carry
     words = [
         "milkit", "preprocess",
         str(Path(slides_dir).resolve()),

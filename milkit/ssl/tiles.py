@@ -77,7 +77,7 @@ def find_slide_tiles(
             f"{coords_dir}: no coordinate files (*.h5); run `milkit tile SLIDES OUT` and pass "
             "--data.coords_dir OUT/coords."
         )
-    # index_slides refuses a folder where two slides share an id.
+    # Relative-path ids, and stems no two slides share: a file's id finds only its own slide.
     by_id = index_slides(slides_dir) if slides_dir is not None else {}
     found: list[SlideTiles] = []
     skipped: list[str] = []

@@ -345,3 +345,16 @@ def test_a_full_disk_stops_the_batch_with_one_line_and_no_half_written_files(
     assert "Traceback" not in "\n".join(error)
     assert not list((out / "features").glob("*.tmp"))  # no half-written file left
     assert sorted(p.name for p in (out / "features").glob("*.h5")) == ["s0.h5", "s2.h5"]
+
+
+def test_list_encoders_prints_every_preset_without_other_arguments(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from milkit.features.encoder_presets import list_presets
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preprocess", "--list-encoders"])
+    assert exit_info.value.code == 0
+    listed = capsys.readouterr().out
+    assert all(spec.name in listed for spec in list_presets())
+    assert "hf-hub:ORG/NAME" in listed

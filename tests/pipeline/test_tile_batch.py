@@ -17,8 +17,9 @@ from milkit.features.h5 import file_status
 from milkit.features.tile_file import read_coords
 from milkit.pipeline.batch import parse_shard, take_shard
 from milkit.pipeline.tile import tiling_hash
-from milkit.slides.folder import find_slides
+from milkit.slides.folder import find_slides, index_slides
 from milkit.slides.tiling_options import TilingOptions, slide_tiling_options, tiling_flags
+from milkit.ssl.tiles import find_slide_tiles
 from milkit.synth import SlideParams, write_slide
 
 
@@ -218,8 +219,39 @@ def test_two_slides_with_one_id_are_refused_before_any_work(
     assert main(["tile", str(slides), str(out), "--slide-mpp", "0.5", "--workers", "1"]) == 2
     error = capsys.readouterr().err
     assert f"{slides / 'siteA' / 'case1.png'}, {slides / 'siteB' / 'case1.png'}" in error
-    assert "'case1'" in error and "rename the files to be unique" in error
+    assert "'case1'" in error and "--slide-id-from relative-path" in error
     assert not (out / "coords").exists()  # nothing was done
+
+
+def test_relative_path_ids_keep_slides_that_share_a_file_name_apart(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    for site, size in (("siteA", (1600, 1200)), ("siteB", (1200, 1600))):
+        (slides / site).mkdir(parents=True)
+        write_blob_image(slides / site / "case1.png", size=size)
+    write_blob_image(slides / "siteA" / "case2.png")
+    out = tmp_path / "out"
+    flags = ["--slide-mpp", "0.5", "--workers", "1", "--slide-id-from", "relative-path"]
+    assert main(["tile", str(slides), str(out), *flags]) == 0
+    expected = {"siteA__case1": "siteA", "siteA__case2": "siteA", "siteB__case1": "siteB"}
+    assert {path.stem for path in (out / "coords").glob("*.h5")} == set(expected)
+    with h5py.File(out / "coords" / "siteB__case1.h5") as file:
+        assert file.attrs["slide_id"] == "siteB__case1"
+        assert file.attrs["slide_path"] == str(slides / "siteB" / "case1.png")
+    # Later stages find each slide by the id its files carry; the shared stem finds none.
+    index = index_slides(slides)
+    assert index["siteB__case1"] == slides / "siteB" / "case1.png"
+    assert index["case2"] == slides / "siteA" / "case2.png" and "case1" not in index
+    found = {tiles.slide_id: tiles.slide_path for tiles in find_slide_tiles(out / "coords", slides)}
+    assert found == {
+        slide_id: slides / site / f"{slide_id[7:]}.png" for slide_id, site in expected.items()
+    }
+    # The same ids on a rerun: every slide is found done, and features carry them too.
+    assert main(["tile", str(slides), str(out), *flags]) == 0
+    with (out / "tile_log.csv").open(newline="") as handle:
+        assert {row["outcome"] for row in csv.DictReader(handle)} == {"skipped"}
+    encoder = ["--encoder", "test_vit", "--random-weights", "--num-workers", "0"]
+    assert main(["preprocess", str(slides), str(out), *flags[:2], *flags[4:], *encoder]) == 0
+    assert {path.stem for path in (out / "features").glob("*.h5")} == set(expected)
 
 
 def test_unreadable_slides_are_named_with_the_fix_and_the_batch_goes_on(
