@@ -71,22 +71,27 @@ class ErrorLog:
         with self.path.open("w", newline="") as handle:
             csv.writer(handle).writerow(["slide", "stage", "error", "message"])
 
-    def record(self, slide: str | Path, stage: str, error: BaseException) -> None:
-        """Append one failure; unexpected errors keep their last traceback line for context."""
+    def record(self, slide: str | Path, stage: str, error: BaseException) -> str:
+        """Append one failure; unexpected errors keep their last traceback line for context.
+
+        Returns:
+            The message written.
+        """
         message = str(error)
         if not isinstance(error, MilkitError):
             message = (
                 f"{message} ({traceback.format_exception_only(type(error), error)[-1].strip()})"
             )
-        self.record_message(slide, stage, type(error).__name__, message)
+        return self.record_message(slide, stage, type(error).__name__, message)
 
-    def record_message(self, slide: str | Path, stage: str, error_name: str, message: str) -> None:
-        """Append one failure given as text (e.g. reported by another process)."""
+    def record_message(self, slide: str | Path, stage: str, error_name: str, message: str) -> str:
+        """Append one failure given as text (e.g. reported by another process); returns it."""
         with self.path.open("a", newline="") as handle:
             csv.writer(handle).writerow([str(slide), stage, error_name, message])
             handle.flush()
             os.fsync(handle.fileno())
         self.count += 1
+        return message
 
 
 @dataclass
@@ -102,14 +107,19 @@ class BatchSummary:
     slides_by_outcome: dict[str, list[str]] = field(default_factory=dict)
     n_tiles: int = 0
     notes: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
 
-    def add(self, slide_id: str, outcome: str, n_tiles: int = 0) -> None:
-        """Count one slide's outcome (one of :data:`OUTCOMES`)."""
+    def add(
+        self, slide_id: str, outcome: str, n_tiles: int = 0, *, error: str | None = None
+    ) -> None:
+        """Count one slide's outcome (one of :data:`OUTCOMES`), with a failure's message."""
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
         self.outcomes[outcome] += 1
         self.slides_by_outcome.setdefault(outcome, []).append(slide_id)
         self.n_tiles += n_tiles
+        if error is not None:
+            self.errors[slide_id] = error
 
     @property
     def failed(self) -> int:
@@ -127,13 +137,27 @@ class BatchSummary:
             # a rerun's finished slides are reused, which "skipped" made read like a failure
             label = "already done" if outcome == "skipped" else outcome
             line = f"  {label:<10} {count}"
-            if outcome in ("no_tissue", "failed"):
-                names = self.slides_by_outcome[outcome]
+            names = self.slides_by_outcome[outcome]
+            if outcome == "no_tissue":
                 line += (
                     ": " + ", ".join(names[:max_names]) + (" ..." if len(names) > max_names else "")
                 )
             lines.append(line)
+            if outcome == "failed":  # the message is the useful part: the first line of each
+                lines += [
+                    f"    {name}: {_first_line(self.errors.get(name, 'see the errors file'))}"
+                    for name in names[:max_names]
+                ]
+                lines += (
+                    [f"    ... and {len(names) - max_names} more"] if len(names) > max_names else []
+                )
         lines += [f"  {note}" for note in self.notes]
         if self.failed and errors_path is not None:
             lines.append(f"  failures are listed in {errors_path}")
         return "\n".join(lines)
+
+
+def _first_line(message: str, max_chars: int = 200) -> str:
+    """A failure message's first line, cut to ``max_chars``."""
+    line = message.strip().splitlines()[0] if message.strip() else "(no message)"
+    return line if len(line) <= max_chars else line[: max_chars - 3] + "..."

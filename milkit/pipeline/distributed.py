@@ -155,9 +155,12 @@ def extract_distributed(
             continue
         with path.open(newline="") as handle:
             for row in csv.DictReader(handle):
-                summary.add(row["slide_id"], row["outcome"], int(row["n_tiles"]))
-                if row["outcome"] == "failed":
+                message = (
                     errors.record_message(
                         row["slide_path"], "features", row["error"], row["message"]
                     )
+                    if row["outcome"] == "failed"
+                    else None
+                )
+                summary.add(row["slide_id"], row["outcome"], int(row["n_tiles"]), error=message)
         path.unlink()

@@ -244,9 +244,12 @@ def render_run(
         log.writerow(["slide_id", "outcome", "n_tiles", "seconds", "folder"])
 
         def record(result: SlideHeatmaps) -> None:
-            summary.add(result.slide_id, result.outcome, result.n_tiles)
-            if result.error is not None:
+            message = (
                 errors.record(result.prediction_path, "heatmap", result.error)
+                if result.error is not None
+                else None
+            )
+            summary.add(result.slide_id, result.outcome, result.n_tiles, error=message)
             folder = out_dir / result.slide_id if result.outcome == "done" else ""
             log.writerow(
                 [result.slide_id, result.outcome, result.n_tiles, f"{result.seconds:.2f}", folder]

@@ -106,8 +106,8 @@ def run_preprocess(
                         job, encoder, extraction, device=device, progress=tile_bar.update
                     )
                 except Exception as exc:  # one bad slide never stops the batch
-                    errors.record(job.slide_path, "features", exc)
-                    summary.add(job.slide_id, "failed")
+                    message = errors.record(job.slide_path, "features", exc)
+                    summary.add(job.slide_id, "failed", error=message)
                     log.writerow([job.slide_id, "failed", 0, 0])
                 else:
                     summary.add(job.slide_id, "done", result.n_tiles)

@@ -251,11 +251,14 @@ def run_tiling(
         )
 
         def record(result: SlideTiling) -> None:
-            summary.add(result.slide_id, result.outcome, result.n_tiles)
+            message = (
+                errors.record(result.slide_path, "tile", result.error)
+                if result.error is not None
+                else None
+            )
+            summary.add(result.slide_id, result.outcome, result.n_tiles, error=message)
             if result.note is not None:
                 summary.notes.append(f"{result.slide_id}: {result.note}")
-            if result.error is not None:
-                errors.record(result.slide_path, "tile", result.error)
             log.writerow(
                 [result.slide_id, result.outcome, result.n_tiles, result.level,
                  result.effective_mpp, f"{result.seconds:.2f}", result.slide_path]

@@ -84,6 +84,10 @@ def test_bad_slides_are_recorded_and_the_batch_goes_on(
     assert len(read_coords(out / "coords" / "glass.h5").coords) == 0
     summary = capsys.readouterr().out
     assert "no_tissue  1: glass" in summary and "failed     2" in summary
+    # Each failure's message is on screen, not only in errors.csv.
+    for row in errors:
+        first_line = row["message"].splitlines()[0][:150]
+        assert f"    {Path(row['slide']).stem}: {first_line}" in summary
 
 
 def test_missing_mpp_fails_with_the_flag_to_use(tmp_path: Path) -> None:
