@@ -28,7 +28,7 @@ from milkit.features.h5 import config_hash, file_status, remove_stale_tmp_files
 from milkit.features.tile_file import TILING_OPTIONS_ATTR, write_coords_file
 from milkit.pipeline.batch import BatchSummary, ErrorLog, shard_suffix
 from milkit.slides.folder import as_slides_by_id
-from milkit.slides.overlay import draw_overlay, save_mask_png, save_png
+from milkit.slides.overlay import draw_overlay, resize_mask_nearest, save_mask_png, save_png
 from milkit.slides.reader import open_slide
 from milkit.slides.tiling import plan_tile_spec
 from milkit.slides.tiling_options import TilingOptions, slide_tiling_options
@@ -39,6 +39,9 @@ from milkit.slides.tissue import (
     tissue_fraction_grid,
 )
 
+#: Longest side, px, of the thumbnail the mask and tiles are drawn on (``thumbnails/``), for
+#: slides that have that many pixels.
+OVERLAY_SIZE_PX = 1024
 #: Median brightness (0-255, brightest channel) of a thumbnail below which its background is
 #: dark: a fluorescence scan (brightfield glass is above 200; a DAPI scan measured 13).
 DARK_BACKGROUND = 60
@@ -126,12 +129,18 @@ def tile_slide(
         coords, kept_fractions = candidates[keep], fractions[keep].astype(np.float32)
         slide_id = slide_id or reader.slide_id
         save_mask_png(out_dir / "masks" / f"{slide_id}.png", detection.mask)
+        # Tissue is detected at ~4 µm/px, too coarse to judge the mask by eye: the overlay is
+        # drawn on a larger view when the slide has the pixels for one.
+        view, view_mask = thumbnail, detection.mask
+        if max(thumbnail.shape[:2]) < OVERLAY_SIZE_PX:
+            view = reader.thumbnail(max_size_px=OVERLAY_SIZE_PX)
+            view_mask = resize_mask_nearest(detection.mask, view.shape[:2])
         overlay = draw_overlay(
-            thumbnail,
-            detection.mask,
+            view,
+            view_mask,
             coords_level0=coords,
             tile_size_level0=spec.tile_size_level0,
-            thumbnail_downsample=thumbnail_downsample,
+            thumbnail_downsample=reader.dimensions[0] / view.shape[1],
         )
         save_png(out_dir / "thumbnails" / f"{slide_id}.png", overlay)
         write_coords_file(

@@ -20,6 +20,13 @@ MASK_COLOR = (0, 200, 0)
 TILE_COLOR = (0, 60, 255)
 
 
+def resize_mask_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A mask resampled to ``shape`` ``(H, W)`` by nearest neighbour (pixel centres)."""
+    rows = ((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(np.int64)
+    cols = ((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(np.int64)
+    return mask[np.minimum(rows, mask.shape[0] - 1)][:, np.minimum(cols, mask.shape[1] - 1)]
+
+
 def draw_overlay(
     thumbnail: np.ndarray,
     mask: np.ndarray,

@@ -302,3 +302,22 @@ def test_a_fluorescence_scan_is_warned_about_not_silently_empty(
     printed = capsys.readouterr().out
     assert "dapi: its background is dark (a fluorescence scan?)" in printed
     assert "made for brightfield slides" in printed and "he: its background" not in printed
+
+
+def test_thumbnails_are_large_enough_to_judge_the_mask(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_blob_image(slides / "large.png", size=(2400, 1800))
+    write_blob_image(slides / "small.png", size=(600, 500))
+    out = tmp_path / "out"
+    assert main(["tile", str(slides), str(out), "--slide-mpp", "0.5", "--workers", "1"]) == 0
+    # 1024 px on the long side, or the slide's own size; the mask stays at detection resolution.
+    assert Image.open(out / "thumbnails" / "large.png").size == (1024, 768)
+    assert Image.open(out / "thumbnails" / "small.png").size == (600, 500)
+    assert max(Image.open(out / "masks" / "large.png").size) == 2400 * 0.5 / 4
+    # The contour is drawn on the large view: green pixels around the pink ellipse.
+    thumbnail = np.asarray(Image.open(out / "thumbnails" / "large.png").convert("RGB"))
+    green = (thumbnail[..., 1] > 150) & (thumbnail[..., 0] < 100) & (thumbnail[..., 2] < 100)
+    rows, cols = np.nonzero(green)
+    assert green.sum() > 500
+    assert abs(cols.min() - 1024 / 6) < 12 and abs(cols.max() - 1024 * 5 / 6) < 12
