@@ -72,9 +72,13 @@ class PredictionWriter(BasePredictionWriter):
             dist.all_gather_object(gathered, rows)
             rows = [row for part in gathered for row in part]
         if trainer.is_global_zero:
+            folder = self.resolved_dir(trainer)
             write_csv_atomic(
-                self.resolved_dir(trainer) / PREDICTIONS_CSV,
-                sorted(rows, key=lambda row: row["slide_id"]),
+                folder / PREDICTIONS_CSV, sorted(rows, key=lambda row: row["slide_id"])
+            )
+            print(
+                f"milkit predict: {len(rows)} slide(s); one file per slide in "
+                f"{folder / PREDICTIONS_DIR}, the table in {folder / PREDICTIONS_CSV}"
             )
 
 

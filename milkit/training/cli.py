@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -70,6 +71,7 @@ class MILCLI(LightningCLI):
         """Parse ``args``: milkit's entry points always pass their argv explicitly (Lightning
         would warn that ``sys.argv`` is set as well)."""
         self.config = parser.parse_args(args)
+        self._argv = [str(arg) for arg in args]
 
     def before_fit(self) -> None:
         """Resume an interrupted run of this configuration; name the classes and the slides
@@ -108,8 +110,36 @@ class MILCLI(LightningCLI):
                 print(f"milkit {self.subcommand}: {note}", file=sys.stderr)
 
     def after_fit(self) -> None:
-        """Give the process its thread count back (``fit`` may run inside a longer program)."""
+        """Say what the run left and what to run next; give the process its thread count back
+        (``fit`` may run inside a longer program)."""
         torch.set_num_threads(self._threads_before)
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            print(self.fit_summary())
+
+    def fit_summary(self) -> str:
+        """Where the model is, its last validation metrics and the ``predict`` command."""
+        trainer = self.trainer
+        checkpoint = trainer.checkpoint_callback
+        saved = ""
+        if isinstance(checkpoint, ModelCheckpoint):
+            saved = checkpoint.best_model_path or checkpoint.last_model_path
+        lines = [f"milkit fit: done, {trainer.current_epoch} epoch(s), {trainer.global_step} steps"]
+        validation = {
+            name: float(value)
+            for name, value in sorted(trainer.callback_metrics.items())
+            if name.startswith("val/") and value.numel() == 1
+        }
+        if validation:
+            lines.append(
+                "  validation (last epoch): "
+                + ", ".join(f"{name[4:]} {value:.3f}" for name, value in validation.items())
+            )
+        if saved:
+            lines.append(f"  checkpoint: {saved}")
+            options = self._argv[1:] if self._argv[:1] == ["fit"] else self._argv
+            kept = _without_options(options, ("--ckpt_path",))
+            lines.append("next: " + shlex.join(["milkit", "predict", *kept, "--ckpt_path", saved]))
+        return "\n".join(lines)
 
     def resume_if_interrupted(self) -> None:
         """``fit`` without ``--ckpt_path`` continues from ``checkpoints/last.ckpt`` of its
@@ -167,6 +197,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Save ``checkpoint`` to ``path`` atomically."""
         with atomic_write(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def _without_options(argv: Sequence[str], names: Sequence[str]) -> list[str]:
+    """``argv`` without the options ``names`` and their values (``--name v`` or ``--name=v``)."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in names:
+            skip_value = "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
 
 
 def configuration_id(config: Any, *, leave_out: Sequence[str] = ()) -> str:

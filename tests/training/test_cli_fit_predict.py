@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -103,16 +105,28 @@ def test_fit_passes_tile_coordinates_to_a_spatial_model(
     assert {tuple(row) for batch in seen for row in batch.tolist()} <= stored
 
 
-def test_checkpoint_round_trips_through_predict(cohort: WitnessCohort, tmp_path: Path) -> None:
+def test_checkpoint_round_trips_through_predict(
+    cohort: WitnessCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cli = build_cli(
         ["fit", *_options(cohort, tmp_path / "fit", "abmil_gated"), "--trainer.max_epochs", "2"]
     )
     checkpoint = tmp_path / "fit" / "checkpoints" / "last.ckpt"  # where the README says
     assert cli.trainer.checkpoint_callback.best_model_path == str(checkpoint)
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 1  # the final epoch's model
+    # fit ends on a summary: the model, its validation metrics and the predict command.
+    summary = capsys.readouterr().out
+    assert "milkit fit: done, 2 epoch(s)" in summary and f"checkpoint: {checkpoint}" in summary
+    assert re.search(r"validation \(last epoch\): .*auroc \d\.\d{3}", summary)
+    next_command = shlex.split(summary.split("next: ", 1)[1].splitlines()[0])
+    assert next_command[:2] == ["milkit", "predict"]
+    assert next_command[-2:] == ["--ckpt_path", str(checkpoint)]
     run = tmp_path / "predict"
-    options = _options(cohort, run, "abmil_gated")
-    assert run_lightning(["predict", *options, "--ckpt_path", str(checkpoint)]) == 0
+    options = [*next_command[2:], "--trainer.default_root_dir", str(run)]
+    assert run_lightning(["predict", *options]) == 0
+    printed = capsys.readouterr().out
+    assert f"milkit predict: {len(cohort.labels)} slide(s)" in printed
+    assert str(run / "predictions.csv") in printed
 
     with open(run / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
