@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -419,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
         "MIL heads -> heatmaps.",
     )
     parser.add_argument("--version", action="version", version=f"milkit {__version__}")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every message of the libraries milkit uses (given before the subcommand)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(subparsers)
@@ -438,6 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: 0 on success, 1 when a slide or step failed, 2 on bad usage.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--verbose"]:  # every third-party message too (milkit.training.quiet)
+        argv = argv[1:]
+        os.environ["MILKIT_VERBOSE"] = "1"
     if argv and argv[0] in _LIGHTNING_COMMANDS:
         return _run_lightning_command(argv)
     args = build_parser().parse_args(argv)

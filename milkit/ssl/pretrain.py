@@ -45,6 +45,7 @@ from milkit.slides.tiling_options import tiling_flags
 from milkit.ssl.data import TileDataHParams, TileDataModule
 from milkit.ssl.dino_module import DINOModule
 from milkit.ssl.export import export_backbone
+from milkit.training.quiet import filter_noise
 
 __all__ = ["PretrainCLI", "main", "resolve_precision", "run_pretraining"]
 
@@ -265,6 +266,7 @@ def main(argv: list[str]) -> int:
         0 on success, 1 when training was interrupted, 2 on a milkit error (message on
         stderr), else the parser's exit code (``--help`` and ``--print_config`` exit 0).
     """
+    filter_noise()
     try:
         cli = PretrainCLI(
             DINOModule,

@@ -24,6 +24,7 @@ import hashlib
 import json
 import shlex
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from milkit.errors import ConfigError, MilkitError
 from milkit.features.h5 import config_hash
 from milkit.training.callbacks import PredictionWriter
 from milkit.training.module import MILModule
+from milkit.training.quiet import filter_noise
 from milkit.training.threads import threads_for_bags
 
 #: Where ``fit`` keeps its checkpoints under ``default_root_dir``.
@@ -127,8 +129,8 @@ class MILCLI(LightningCLI):
         validation = {
             name: float(value)
             for name, value in sorted(trainer.callback_metrics.items())
-            if name.startswith("val/") and value.numel() == 1
-        }
+            if name.startswith("val/") and name.count("/") == 1 and value.numel() == 1
+        }  # the per-class metrics stay in the logs
         if validation:
             lines.append(
                 "  validation (last epoch): "
@@ -295,7 +297,9 @@ def run_lightning(argv: list[str]) -> int:
         (``--help`` and ``--print_config`` exit 0).
     """
     try:
-        build_cli(argv)
+        with warnings.catch_warnings():
+            filter_noise()
+            build_cli(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except MilkitError as error:

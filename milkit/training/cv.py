@@ -50,17 +50,15 @@ Slides without tiles are left out of every fold (``left_out``, with the labels C
 from __future__ import annotations
 
 import json
-import logging
 import math
 import multiprocessing
 import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +83,7 @@ from milkit.training.cli import (
     record_configuration,
     recorded_configuration,
 )
+from milkit.training.quiet import filter_noise, quiet_lightning
 from milkit.training.threads import free_cores, intra_op_threads, small_bags, threads_for_bags
 
 SUMMARY_JSON = "cv_summary.json"
@@ -495,7 +494,7 @@ def main(argv: list[str]) -> int:
     """
     try:
         with warnings.catch_warnings(), quiet_lightning():
-            _quiet_warnings()
+            filter_noise()
             cli = CVCLI(args=list(argv), run=False, **cli_kwargs("milkit cv"))
             cli.argv = list(argv)
             cli.run_cv()
@@ -507,24 +506,16 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _quiet_warnings() -> None:
-    """Small cohorts trip Lightning's hints about workers and logging intervals per fold."""
-    warnings.filterwarnings("ignore", r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", r".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", r".*Total length of .* across ranks is zero.*")  # no val
-    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)")  # Lightning's own
-
-
 #: The CLI a worker process of :meth:`CVCLI._run_in_processes` rebuilt from the argv.
 _WORKER: CVCLI | None = None
 
 
 def _start_worker(argv: list[str]) -> None:
     """Worker start-up: one intra-op thread per process (the workers share the cores), the
-    warnings quietened as in :func:`main`, the CLI rebuilt."""
+    noise filtered as in :func:`main`, the CLI rebuilt."""
     global _WORKER
     torch.set_num_threads(1)
-    _quiet_warnings()
+    filter_noise()
     _WORKER = CVCLI(args=argv, run=False, **cli_kwargs("milkit cv"))
 
 
@@ -534,20 +525,6 @@ def _worker_run(repeat: int, fold: int, seed: int) -> dict[str, Any]:
     base = _WORKER.config
     with quiet_lightning(), intra_op_threads(None) as set_threads:
         return _WORKER._run_fold(base, repeat, fold, seed, Path(base.out).resolve(), set_threads)
-
-
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Raise Lightning's loggers to WARNING for the duration (no per-fold banners)."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _save_run(out: Path, run: dict[str, Any]) -> None:

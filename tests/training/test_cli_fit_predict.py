@@ -305,3 +305,20 @@ def test_a_killed_fit_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
     other = ["fit", *_options(cohort, killed, "abmil"), "--trainer.max_epochs", "3"]
     assert run_lightning(other) == 2
     assert "holds a training run of another configuration" in capsys.readouterr().err
+
+
+def test_fit_prints_no_third_party_noise_unless_verbose(
+    cohort: WitnessCohort, tmp_path: Path
+) -> None:
+    def fit(*flags: str) -> str:
+        command = [sys.executable, "-m", "milkit.cli", *flags, "fit",
+                   *_options(cohort, tmp_path / str(len(flags)), "abmil"),
+                   "--trainer.max_epochs", "1"]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        return done.stdout + done.stderr
+
+    printed = fit()
+    assert "milkit fit: done, 1 epoch(s)" in printed
+    # Lightning's hints and deprecations (they name their source file) and its tips are gone.
+    assert "site-packages" not in printed and "Tip:" not in printed, printed
+    assert "site-packages" in fit("--verbose")

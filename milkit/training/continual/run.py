@@ -75,7 +75,7 @@ from milkit.training.continual.strategies import (
     Strategy,
 )
 from milkit.training.continual.tasks import ContinualData, Item, load_task_sequence
-from milkit.training.cv import quiet_lightning
+from milkit.training.quiet import filter_noise, quiet_lightning
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Joint, Finetune, LoRA, OWLoRA, EWC, LwF, Replay)
@@ -395,9 +395,7 @@ def main(argv: list[str]) -> int:
     try:
         config = parser.parse_args(list(argv))
         with warnings.catch_warnings(), quiet_lightning():
-            # Small task sets trip Lightning's hints about workers and logging intervals.
-            warnings.filterwarnings("ignore", r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", r".*smaller than the logging interval.*")
+            filter_noise()
             summary = run_continual(parser, config)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
