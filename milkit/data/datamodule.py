@@ -298,6 +298,23 @@ class MILDataModule(pl.LightningDataModule):
             in_memory=self.in_memory,
         )
 
+    def validation_note(self) -> str | None:
+        """A line for a classifier's validation part that holds a single class, where AUROC
+        and the per-class metrics are undefined (torchmetrics logs them as 0); else None."""
+        if self.task != "classification" or self.cohort.labels is None:
+            return None
+        rows = self.rows_of("val")
+        targets = self.cohort.targets() or []
+        classes = sorted({self.cohort.class_names[targets[i]] for i in rows})  # type: ignore[index]
+        if len(rows) == 0 or len(classes) > 1:
+            return None
+        return (
+            f"the validation part of fold {self.fold} holds {len(rows)} slide(s), all of class "
+            f"{classes[0]!r}: its AUROC and per-class metrics mean nothing (logged as 0). Use "
+            "fewer folds (--data.n_folds), a larger --data.val_fraction, or a fold/split column "
+            "with every class in validation."
+        )
+
     def _check_training_classes(self) -> None:
         if self.task != "classification":
             return

@@ -86,6 +86,9 @@ class MILCLI(LightningCLI):
             classes = ", ".join(f"{name} ({counts[name]})" for name in cohort.class_names)
             print(f"milkit fit: classes in index order, with slides: {classes}", file=sys.stderr)
         self.report_left_out()
+        note = self.datamodule.validation_note() if self.trainer.is_global_zero else None
+        if note is not None:
+            print(f"milkit fit: {note}", file=sys.stderr)
         self._threads_before = torch.get_num_threads()
         threads = threads_for_bags(self.datamodule, self.trainer)
         if threads is not None:

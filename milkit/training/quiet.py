@@ -24,6 +24,8 @@ NOISE_WARNINGS = (
     r".*Total length of .* across ranks is zero.*",  # a run without validation bags
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning's own deprecation
     r".*`tensorboardX` has been removed as a dependency.*",  # milkit logs to CSV
+    # torchmetrics, once per metric and epoch on a one-class validation part: fit says it once
+    r"No (negative|positive) samples in targets.*",
 )
 #: Lightning log lines (substrings) of the same kind.
 NOISE_LOG_LINES = ("💡 Tip:", "to estimate number of stepping batches")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -322,3 +323,25 @@ def test_fit_prints_no_third_party_noise_unless_verbose(
     # Lightning's hints and deprecations (they name their source file) and its tips are gone.
     assert "site-packages" not in printed and "Tip:" not in printed, printed
     assert "site-packages" in fit("--verbose")
+
+
+def test_a_one_class_validation_part_is_said_once_with_the_fix(
+    cohort: WitnessCohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open(cohort.labels_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    positives = [row["slide_id"] for row in rows if row["label"] == "positive"][:2]
+    labels_csv = tmp_path / "labels.csv"
+    with open(labels_csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*rows[0], "split"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "split": "val" if row["slide_id"] in positives else "train"})
+    options = [*_options(cohort, tmp_path / "run", "abmil"), "--data.labels_csv", str(labels_csv)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_lightning(["fit", *options, "--trainer.max_epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("the validation part of fold 0 holds 2 slide(s), all of class 'positive'") == 1
+    assert "--data.n_folds" in err
+    assert not [w for w in caught if "samples in targets" in str(w.message)]
