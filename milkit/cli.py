@@ -356,6 +356,23 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_demo)  # fmt: skip
 
 
+def _add_configs(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "configs",
+        help="list the configs that ship with milkit (--config NAME finds them anywhere)",
+        description="The packaged YAML configs: pass a name (--config abmil) or a path inside "
+        "the folder (--config experiments/abmil.yaml); a file that exists is used as given.",
+    )
+    parser.set_defaults(handler=_run_configs)
+
+
+def _run_configs(args: argparse.Namespace) -> int:
+    from milkit.configs import configs_listing
+
+    print(configs_listing())
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from milkit.demo import run_demo
 
@@ -371,7 +388,7 @@ def _add_heatmap(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=command.run)
 
 
-_COMMANDS = (_add_synth, _add_tile, _add_preprocess, _add_heatmap, _add_demo)
+_COMMANDS = (_add_synth, _add_tile, _add_preprocess, _add_heatmap, _add_demo, _add_configs)
 
 
 #: Subcommands parsed by LightningCLI/jsonargparse: ``module:function`` taking the remaining argv.
@@ -407,8 +424,11 @@ _KEEPS_SUBCOMMAND = {"fit", "validate", "test", "predict"}
 def _run_lightning_command(argv: list[str]) -> int:
     import importlib
 
+    from milkit.configs import resolve_config_args
+
     module_name, function, _ = _LIGHTNING_COMMANDS[argv[0]]
     entry = getattr(importlib.import_module(module_name), function)
+    argv = resolve_config_args(argv)  # packaged configs by name, from any folder
     return int(entry(argv if argv[0] in _KEEPS_SUBCOMMAND else argv[1:]))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from milkit.configs import CONFIG_DIR
 from milkit.errors import MilkitError
 from milkit.slides.folder import find_slides
 
@@ -160,7 +161,7 @@ def run_demo(
         pre_dir, runs = out_dir / "preprocessed_dino", out_dir / "runs_dino"
     dino_dir = out_dir / "dino"
     labels_csv, features_dir = cohort_dir / "labels.csv", pre_dir / "features"
-    configs = Path(__file__).resolve().parent.parent / "configs"
+    configs = CONFIG_DIR
     common = ["--data.features_dir", str(features_dir), "--data.labels_csv", str(labels_csv),
               "--folds", str(plan.folds), "--seed", str(seed), "--trainer.max_epochs", str(plan.max_epochs),
               "--data.num_workers", "0"]  # fmt: skip

@@ -1,6 +1,7 @@
 """The package's layers: every import runs downwards, and no module imports itself back.
 
-The order (docs/design.md §2): the base modules (``errors``, ``atomic``, the package root) <
+The order (docs/design.md §2): the base modules (``errors``, ``atomic``, ``configs``, the
+package root) <
 ``slides`` < ``features`` < ``data`` < ``models`` < ``training`` < ``ssl`` < ``heatmaps`` <
 ``pipeline`` < ``synth`` < the command line (``cli``, ``demo``). Imports inside functions count:
 a lazy import still ties the layers together.
@@ -19,7 +20,7 @@ import milkit
 PACKAGE_DIR = Path(milkit.__file__).parent
 
 LAYERS: list[tuple[str, ...]] = [
-    ("milkit", "milkit.errors", "milkit.atomic"),
+    ("milkit", "milkit.errors", "milkit.atomic", "milkit.configs"),
     ("milkit.slides",),
     ("milkit.features",),
     ("milkit.data",),
