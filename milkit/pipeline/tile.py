@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from milkit.errors import ConfigError
+from milkit.errors import ConfigError, SlideReadError
 from milkit.features.h5 import config_hash, file_status, remove_stale_tmp_files
 from milkit.features.tile_file import TILING_OPTIONS_ATTR, write_coords_file
 from milkit.pipeline.batch import BatchSummary, ErrorLog, shard_suffix
@@ -131,10 +131,14 @@ def tile_slide(
         save_mask_png(out_dir / "masks" / f"{slide_id}.png", detection.mask)
         # Tissue is detected at ~4 µm/px, too coarse to judge the mask by eye: the overlay is
         # drawn on a larger view when the slide has the pixels for one.
+        # A damaged tile of a finer level spoils only the picture: then the detection view is used.
         view, view_mask = thumbnail, detection.mask
         if max(thumbnail.shape[:2]) < OVERLAY_SIZE_PX:
-            view = reader.thumbnail(max_size_px=OVERLAY_SIZE_PX)
-            view_mask = resize_mask_nearest(detection.mask, view.shape[:2])
+            try:
+                view = reader.thumbnail(max_size_px=OVERLAY_SIZE_PX)
+                view_mask = resize_mask_nearest(detection.mask, view.shape[:2])
+            except SlideReadError:
+                view = thumbnail
         overlay = draw_overlay(
             view,
             view_mask,
