@@ -53,3 +53,23 @@ def test_milkit_configs_lists_every_packaged_config(capsys: pytest.CaptureFixtur
     assert len(configs) >= 10
     for path in configs:
         assert f"{path.parent.name}/{path.name}" in listed
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["fit", "--config", "abmil"],
+        ["cv", "--config", "dsmil"],
+        ["continual", "--config", "gdat_small_cpu"],
+        ["pretrain", "--config", "dino_tiny_cpu"],
+    ],
+)
+def test_print_config_round_trips(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*command, "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    assert main([command[0], "--config", str(saved), "--print_config"]) == 0
+    assert capsys.readouterr().out == printed
