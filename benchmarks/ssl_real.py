@@ -94,9 +94,9 @@ def write_labels(images: Path, out: Path) -> Path:
     return labels_csv
 
 
-def pooled_auroc(cv_dir: Path) -> list[float]:
-    """AUROC of the out-of-fold predictions of all images, one per cv repeat."""
-    summary = json.loads((cv_dir / "cv_summary.json").read_text())
+def pooled_auroc(cv_dir: Path, summary: dict) -> list[float]:
+    """AUROC of the out-of-fold predictions of all images, one per cv repeat (``summary``:
+    the folder's ``cv_summary.json``)."""
     by_repeat: dict[int, list[dict[str, str]]] = {}
     for run in summary["runs"]:
         with (cv_dir / run["dir"] / "predictions.csv").open(newline="") as handle:
@@ -109,8 +109,8 @@ def pooled_auroc(cv_dir: Path) -> list[float]:
     return aurocs
 
 
-def evaluate(arm: Arm, run: Path, images: Path, labels_csv: Path, encoder: list[str],
-             args: argparse.Namespace) -> None:  # fmt: skip
+def evaluate(arm: Arm, seed: int, run: Path, images: Path, labels_csv: Path,
+             encoder: list[str], args: argparse.Namespace) -> None:  # fmt: skip
     """Features of ``images`` with ``encoder`` (preprocess options) into ``run``, then ABMIL cv."""
     seconds, _ = milkit(
         "preprocess", str(images), str(run), *TILING, *encoder, "--batch-size", "128"
@@ -125,9 +125,9 @@ def evaluate(arm: Arm, run: Path, images: Path, labels_csv: Path, encoder: list[
     arm.timed("cv", seconds)
     summary = json.loads((cv_dir / "cv_summary.json").read_text())
     arm.fold_auroc.append(summary["metrics"]["auroc"]["mean"])
-    arm.pooled_auroc.append(statistics.fmean(pooled_auroc(cv_dir)))
+    arm.pooled_auroc.append(statistics.fmean(pooled_auroc(cv_dir, summary)))
     print(
-        f"  {arm.name} seed {len(arm.fold_auroc) - 1}: AUROC {arm.fold_auroc[-1]:.3f} "
+        f"  {arm.name} seed {seed}: AUROC {arm.fold_auroc[-1]:.3f} "
         f"(pooled {arm.pooled_auroc[-1]:.3f})",
         flush=True,
     )
@@ -185,12 +185,12 @@ def main() -> None:
             print(f"seed {seed}: pretraining {seconds:.0f} s"
                   + (f", {done.group(2)} tiles/s" if done else ""), flush=True)  # fmt: skip
         encoder = f"local-dir:{run / 'pretrain' / 'encoder'}"
-        evaluate(pretrained, run / "pretrained", args.images, labels_csv,
+        evaluate(pretrained, seed, run / "pretrained", args.images, labels_csv,
                  ["--encoder", encoder], args)  # fmt: skip
         random_weights = ["--random-weights", "--seed", str(seed)]
-        evaluate(at_random, run / "random_init", args.images, labels_csv,
+        evaluate(at_random, seed, run / "random_init", args.images, labels_csv,
                  ["--encoder", encoder, *random_weights], args)  # fmt: skip
-        evaluate(vit_tiny, run / "vit_tiny", args.images, labels_csv,
+        evaluate(vit_tiny, seed, run / "vit_tiny", args.images, labels_csv,
                  ["--encoder", "vit_tiny_patch16_224", *random_weights], args)  # fmt: skip
 
     arms = (pretrained, at_random, vit_tiny)

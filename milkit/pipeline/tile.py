@@ -130,8 +130,8 @@ def tile_slide(
         slide_id = slide_id or reader.slide_id
         save_mask_png(out_dir / "masks" / f"{slide_id}.png", detection.mask)
         # Tissue is detected at ~4 µm/px, too coarse to judge the mask by eye: the overlay is
-        # drawn on a larger view when the slide has the pixels for one.
-        # A damaged tile of a finer level spoils only the picture: then the detection view is used.
+        # drawn on a larger view when the slide has the pixels for one (when a damaged tile of
+        # a finer level spoils that view, on the detection view: it is only a picture).
         view, view_mask = thumbnail, detection.mask
         if max(thumbnail.shape[:2]) < OVERLAY_SIZE_PX:
             try:

@@ -59,8 +59,6 @@ def find_slides_by_id(
             named, with the fix).
     """
     root = Path(root)
-    if not root.exists():
-        raise ConfigError(f"{root}: no such folder of slides.")
     by_id: dict[str, list[Path]] = {}
     for path in _slide_files(root, extensions, recursive):
         by_id.setdefault(slide_id_in_folder(path, root, id_from), []).append(path)
@@ -85,7 +83,13 @@ def find_slides_by_id(
 
 
 def _slide_files(root: Path, extensions: Iterable[str], recursive: bool) -> list[Path]:
-    """The slide files under ``root`` (or ``root`` itself), sorted."""
+    """The slide files under ``root`` (or ``root`` itself), sorted.
+
+    Raises:
+        ConfigError: ``root`` does not exist.
+    """
+    if not root.exists():
+        raise ConfigError(f"{root}: no such folder of slides.")
     if root.is_file():
         return [root]
     wanted = {ext.lower() for ext in extensions}
@@ -119,8 +123,6 @@ def index_slides(slides_dir: str | Path) -> dict[str, Path]:
     find the slide of an output file whichever way its id was made: each slide is listed under
     its relative-path id and, when no other slide shares it, its stem."""
     root = Path(slides_dir)
-    if not root.exists():
-        raise ConfigError(f"{root}: no such folder of slides.")
     slides = _slide_files(root, SLIDE_EXTENSIONS, recursive=True)
     stems: dict[str, list[Path]] = {}
     for path in slides:

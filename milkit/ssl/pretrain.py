@@ -192,8 +192,8 @@ def _next_command(datamodule: TileDataModule, encoder_dir: Path, run_dir: Path) 
 
     It tiles as the training tiles were tiled (the options their coordinate files record,
     scan resolutions given by ``--slide-mpp`` or ``--mpp-csv`` included, so the tiles are
-    found done), into their tiling folder, with the slide ids they carry. Slides opened at different scan resolutions get
-    ``RUN_DIR/slide_mpp.csv``.
+    found done), into their tiling folder, with the slide ids they carry. Slides opened at
+    different scan resolutions get ``RUN_DIR/slide_mpp.csv``.
     """
     slides = datamodule.slides
     hp = cast(TileDataHParams, datamodule.hparams)

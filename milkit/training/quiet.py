@@ -54,11 +54,10 @@ def filter_noise() -> None:
         warnings.filterwarnings("ignore", pattern)
     for name in _LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(existing, _DropNoise) for existing in logger.filters):
-            logger.addFilter(_DropNoise())
-        for handler in logger.handlers:  # records of child loggers reach only the handlers
-            if not any(isinstance(existing, _DropNoise) for existing in handler.filters):
-                handler.addFilter(_DropNoise())
+        # Records of child loggers reach only the handlers, not the logger's own filters.
+        for filterer in (logger, *logger.handlers):
+            if not any(isinstance(existing, _DropNoise) for existing in filterer.filters):
+                filterer.addFilter(_DropNoise())
 
 
 @contextmanager
