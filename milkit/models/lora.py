@@ -86,7 +86,7 @@ def orthonormal_basis(columns: Iterable[torch.Tensor], dim: int) -> torch.Tensor
     Returns:
         ``(dim, k)`` float64 with orthonormal columns spanning them; ``(dim, 0)`` if none.
     """
-    stacked = [column.detach().double() for column in columns]
+    stacked = [column.detach().double() for column in columns if column.shape[1]]
     if not stacked:
         return torch.zeros(dim, 0, dtype=torch.float64)
     left, singular, _ = torch.linalg.svd(torch.cat(stacked, dim=1), full_matrices=False)
@@ -191,11 +191,14 @@ class LoRALinear(nn.Module):
             out = out + F.linear(F.linear(x, a) * scale, b)
         return out
 
-    def add_adapter(self) -> int:
+    def add_adapter(self, warn: bool = True) -> int:
         """Freeze W0, b and all adapters, and append a new trainable adapter.
 
         The new ``A`` starts orthogonal to the protected input subspace (module docstring).
-        Warns when the protections leave fewer free directions than the rank.
+
+        Args:
+            warn: Warn when the protections leave fewer free directions than the rank
+                (:func:`milkit.models.lora_model.add_lora_adapters` warns once for all layers).
 
         Returns:
             The new adapter's index.
@@ -215,10 +218,8 @@ class LoRALinear(nn.Module):
         self.lora_scale.append(nn.Parameter(torch.ones(self.rank, device=device, dtype=dtype)))
         _forget_subspaces(self)
         self.project_weights()
-        basis_in, basis_out = self.protected_subspaces()
-        free_in = self.in_features - basis_in.shape[1]
-        free_out = self.out_features - basis_out.shape[1]
-        if min(free_in, free_out) < self.rank:
+        free_in, free_out = self.free_directions()
+        if warn and min(free_in, free_out) < self.rank:
             warnings.warn(
                 f"LoRALinear({self.in_features} -> {self.out_features}): the protections leave "
                 f"{free_in} input and {free_out} output directions free for a rank-{self.rank} "
@@ -227,6 +228,11 @@ class LoRALinear(nn.Module):
                 stacklevel=2,
             )
         return self.n_adapters - 1
+
+    def free_directions(self) -> tuple[int, int]:
+        """Input and output directions the newest adapter may use (outside the protections)."""
+        basis_in, basis_out = self.protected_subspaces()
+        return self.in_features - basis_in.shape[1], self.out_features - basis_out.shape[1]
 
     def protected_subspaces(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Orthonormal bases of the subspaces the newest adapter must stay orthogonal to.

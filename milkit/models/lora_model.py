@@ -5,6 +5,7 @@ penalty and projections to every layer, and record what each layer saw
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 from typing import cast
@@ -108,7 +109,8 @@ def add_lora_adapters(module: nn.Module) -> None:
     """Call :meth:`LoRALinear.add_adapter` on every LoRA layer (start of a new task).
 
     Only the LoRA layers are frozen/unfrozen here; freezing the rest of the model (norms, old
-    heads) is the training code's decision.
+    heads) is the training code's decision. Warns once, naming the layers, when the protections
+    leave some layer fewer free directions than the rank.
 
     Args:
         module: A model that went through :func:`apply_lora`.
@@ -116,8 +118,22 @@ def add_lora_adapters(module: nn.Module) -> None:
     Raises:
         ConfigError: If the model has no LoRA layer.
     """
-    for layer in _require_lora(module):
-        layer.add_adapter()
+    _require_lora(module)
+    cramped = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, LoRALinear):
+            layer.add_adapter(warn=False)
+            free_in, free_out = layer.free_directions()
+            if min(free_in, free_out) < layer.rank:
+                cramped.append(f"{name} {free_in}/{free_out}")
+    if cramped:
+        warnings.warn(
+            f"LoRALinear: the protections leave fewer directions free (input/output) than the "
+            f"rank in {len(cramped)} layer(s): {', '.join(cramped)}; their new adapters can only "
+            "learn within them. Lower energy / feature_energy or switch a protection off if the "
+            "new task does not learn.",
+            stacklevel=2,
+        )
 
 
 def lora_orthogonality_penalty(module: nn.Module) -> torch.Tensor:
