@@ -59,6 +59,10 @@ class MultiTaskMILModel(MILModel, Protocol):
         """Append a head for a new task of ``n_classes`` classes; returns its index."""
         ...
 
+    def task_modules(self, task: int) -> list[nn.Module]:
+        """The modules that serve only task ``task`` (its head, at least)."""
+        ...
+
     def __call__(
         self,
         features: torch.Tensor,

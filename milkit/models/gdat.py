@@ -43,10 +43,12 @@ from milkit.models.contract import MILModelBase
 from milkit.models.output import MILOutput
 from milkit.models.pooling import (
     GatedAttentionPooling,
+    attention_pool,
     check_bags,
     check_dropout,
     check_positive,
     instance_mlp,
+    masked_softmax,
 )
 
 Grouping = Literal["spatial", "order"]
@@ -221,6 +223,11 @@ class GDATMIL(MILModelBase):
     evaluation and training read one task's head. ``lora_targets`` names the layers OWLoRA adapts
     (for :func:`milkit.models.lora_model.apply_lora`): the embedding, qkv, output projection, MLP
     layers and the first layer of the attention pooling (its tanh and gate branches), not the heads.
+
+    With ``attention_per_task`` each task also gets its own attention score vector ``w_t`` (the
+    pooling's last layer, ``attention_dim`` weights), so a task learnt later can attend to its
+    own witness tiles while the shared layers stay protected; ``task=None`` then pools once per
+    task and returns ``attention (B, N, T)``.
     """
 
     supports_tasks: ClassVar[bool] = True
@@ -247,6 +254,7 @@ class GDATMIL(MILModelBase):
         attention_dim: int = 128,
         dropout: float = 0.25,
         block_dropout: float = 0.1,
+        attention_per_task: bool = False,
     ) -> None:
         """Build the network.
 
@@ -263,6 +271,8 @@ class GDATMIL(MILModelBase):
             attention_dim: Hidden size of the gated attention pooling.
             dropout: Dropout after the embedding and in the attention pooling.
             block_dropout: Dropout inside the GDAT blocks.
+            attention_per_task: Give every task its own attention score vector (class
+                docstring); False shares the pooling's (CoMEL).
 
         Raises:
             ConfigError: If a size is not positive, ``embed_dim`` is not divisible by
@@ -307,6 +317,9 @@ class GDATMIL(MILModelBase):
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.pooling = GatedAttentionPooling(embed_dim, attention_dim, dropout=dropout)
+        self.attention_per_task = attention_per_task
+        # Task t > 0's score vectors (task 0 uses the pooling's own), when attention_per_task.
+        self.task_scores = nn.ModuleList()
         self.heads = nn.ModuleList()
         for n_classes in tasks:
             self.add_task(n_classes)
@@ -331,9 +344,56 @@ class GDATMIL(MILModelBase):
         check_positive("GDATMIL.add_task", n_classes=n_classes)
         reference = self.norm.weight
         head = nn.Linear(self.embed_dim, n_classes, device=reference.device, dtype=reference.dtype)
+        if self.attention_per_task and self.heads:
+            self.task_scores.append(
+                nn.Linear(
+                    self.pooling.score.in_features,
+                    1,
+                    device=reference.device,
+                    dtype=reference.dtype,
+                )
+            )
         self.heads.append(head)
         self.n_classes_per_task.append(n_classes)
         return len(self.heads) - 1
+
+    def task_modules(self, task: int) -> list[nn.Module]:
+        """The modules that serve one task only: its head, and its attention score if per task.
+
+        Args:
+            task: Task index.
+
+        Returns:
+            The modules (a strategy trains them with the task and freezes them after).
+        """
+        if not self.attention_per_task:
+            return [self.heads[task]]
+        return [self.heads[task], self._score_layer(task)]
+
+    def _score_layer(self, task: int) -> nn.Module:
+        return self.pooling.score if task == 0 else self.task_scores[task - 1]
+
+    def _pool_per_task(
+        self, tokens: torch.Tensor, mask: torch.Tensor, tasks: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pool once per task with its own score vector.
+
+        Returns:
+            Logits ``(B, C)`` of the tasks' heads, attention ``(B, N)`` for one task or
+            ``(B, N, T)``, embedding ``(B, E)`` for one task or ``(B, T, E)``.
+        """
+        hidden = self.pooling.dropout(self.pooling.hidden(tokens))
+        logits, attentions, embeddings = [], [], []
+        for task in tasks:
+            scores = self._score_layer(task)(hidden).squeeze(-1)
+            attention = masked_softmax(scores, mask)
+            embedding = attention_pool(tokens, attention, mask)
+            logits.append(self.heads[task](embedding))
+            attentions.append(attention)
+            embeddings.append(embedding)
+        if len(tasks) == 1:
+            return logits[0], attentions[0], embeddings[0]
+        return torch.cat(logits, dim=-1), torch.stack(attentions, -1), torch.stack(embeddings, 1)
 
     def assign_groups(self, coords: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         """The group of every tile (module docstring, "Group formation").
@@ -377,7 +437,8 @@ class GDATMIL(MILModelBase):
             MILOutput with ``logits (B, C)`` (C = that task's classes, or the sum over tasks),
             ``attention (B, N)`` of the pooling, ``tile_scores (B, N, C)`` (the head(s) applied
             to each tile's token, 0 on padding; the logits are their attention-weighted sum) and
-            ``embedding (B, embed_dim)``.
+            ``embedding (B, embed_dim)``; with ``attention_per_task`` and several tasks,
+            ``attention (B, N, T)`` and ``embedding (B, T, embed_dim)``, task ``t``'s own.
 
         Raises:
             BagBatchError: If the batch is malformed or a bag is all padding.
@@ -391,9 +452,13 @@ class GDATMIL(MILModelBase):
         for block in self.blocks:
             tokens = block(tokens, mask, groups, self.n_groups)
         tokens = self.norm(tokens)
-        embedding, attention = self.pooling(tokens, mask)
-        heads = self.heads if task is None else [self.heads[task]]
-        logits = torch.cat([head(embedding) for head in heads], dim=-1)
+        tasks = list(range(self.n_tasks)) if task is None else [task]
+        heads = [self.heads[t] for t in tasks]
+        if self.attention_per_task:
+            logits, attention, embedding = self._pool_per_task(tokens, mask, tasks)
+        else:
+            embedding, attention = self.pooling(tokens, mask)
+            logits = torch.cat([head(embedding) for head in heads], dim=-1)
         tile_scores = torch.cat([head(tokens) for head in heads], dim=-1)
         return MILOutput(
             attention=attention,

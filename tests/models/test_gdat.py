@@ -191,3 +191,26 @@ def test_learns_a_simple_mil_task() -> None:
     model.eval()
     predicted = model(features[held_out], mask[held_out], coords[held_out], task=0).logits.argmax(1)
     assert (predicted == target[held_out]).float().mean() >= 0.85
+
+
+def test_attention_per_task_pools_once_per_task_with_its_own_scores() -> None:
+    torch.manual_seed(0)
+    model = GDATMIL(DIM, [2], embed_dim=16, n_heads=2, n_groups=16, attention_dim=8,
+                    dropout=0.0, block_dropout=0.0, attention_per_task=True).eval()  # fmt: skip
+    model.add_task(3)
+    bags, features, coords, mask = junk_padded_batch(seed=5)
+    everything = model(features, mask, coords)
+    per_task = [model(features, mask, coords, task=t) for t in range(2)]
+    assert everything.attention.shape == (len(bags), features.shape[1], 2)
+    assert torch.all(everything.attention[~mask] == 0)
+    assert torch.allclose(everything.attention.sum(dim=1), torch.ones(len(bags), 2), atol=1e-6)
+    for t, out in enumerate(per_task):
+        assert torch.allclose(everything.attention[..., t], out.attention, atol=1e-6)
+        assert torch.allclose(everything.embedding[:, t], out.embedding, atol=1e-5)
+    assert torch.allclose(everything.logits, torch.cat([o.logits for o in per_task], 1), atol=1e-5)
+    assert not torch.allclose(per_task[0].attention, per_task[1].attention)
+    assert model.task_modules(1) == [model.heads[1], model.task_scores[0]]
+    assert model.task_modules(0) == [model.heads[0], model.pooling.score]
+    for b, (feats, xy) in enumerate(bags):  # padding changes nothing
+        alone = model(feats[None], torch.ones(1, len(feats), dtype=torch.bool), xy[None])
+        assert torch.allclose(everything.logits[b], alone.logits[0], atol=1e-5)

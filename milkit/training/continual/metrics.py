@@ -2,8 +2,14 @@
 
 Bag level, for task ``j`` after stage ``t`` (on ``j``'s test part):
 
-- ``accuracy`` (class-incremental): argmax over all heads' concatenated logits is the true
-  global class (the task must be recognised as well);
+- ``accuracy`` (class-incremental): the most probable class over every seen task's classes is
+  the true global class (the task must be recognised as well). With task prototypes
+  (:mod:`milkit.training.continual.task_prior`, ``--task_prior prototypes``) a class's
+  probability is p(task | slide) times its own head's softmax; without (``none``) it is the
+  argmax of all heads' concatenated logits;
+- ``head_accuracy``: that argmax of the concatenated logits, whatever the task prior (how far
+  the heads' scales alone recognise the task); ``task_id_accuracy``: how often the task
+  prototypes name the slide's task (None without them);
 - ``task_accuracy`` (task-incremental): argmax over task ``j``'s own head;
 - ``task_auroc``: macro one-vs-rest AUROC of task ``j``'s own softmax.
 
@@ -34,8 +40,13 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_auro
 
 from milkit.errors import FeatureFileError
 from milkit.training.continual.bppl import minmax_within_bags
-from milkit.training.continual.module import ContinualModule
+from milkit.training.continual.module import ContinualModule, own_task_attention
 from milkit.training.continual.strategies import StageContext
+from milkit.training.continual.task_prior import (
+    TaskPrototypes,
+    class_incremental_log_probs,
+    slide_descriptors,
+)
 from milkit.training.module import model_logits
 
 #: Name of the optional per-tile truth dataset in a feature file.
@@ -52,12 +63,14 @@ class BagPredictions:
         targets: ``(n,)`` global class indices.
         attention: ``n`` arrays ``(n_i,)``, attention over each slide's tiles.
         tile_truth: ``n`` arrays ``(n_i,)`` of 0/1, or None where a file has no tile truth.
+        descriptors: ``(n, D)`` mean tile feature of each slide (the task prototypes' input).
     """
 
     logits: np.ndarray
     targets: np.ndarray
     attention: list[np.ndarray]
     tile_truth: list[np.ndarray | None]
+    descriptors: np.ndarray
 
 
 def read_tile_labels(path: str | Path, n_tiles: int) -> np.ndarray | None:
@@ -86,21 +99,25 @@ def read_tile_labels(path: str | Path, n_tiles: int) -> np.ndarray | None:
 
 
 @torch.no_grad()
-def predict_bags(model: nn.Module, loader: DataLoader, device: torch.device) -> BagPredictions:
+def predict_bags(
+    model: nn.Module, loader: DataLoader, device: torch.device, task: int
+) -> BagPredictions:
     """Run a model over a loader (every tile, in file order) in eval mode.
 
     Args:
         model: A multi-head model.
-        loader: A non-shuffling, non-subsampling loader.
+        loader: A non-shuffling, non-subsampling loader of one task's slides.
         device: Where to run.
+        task: The slides' task (whose attention map is kept when there is one per task).
 
     Returns:
         The predictions with tile truth.
     """
     was_training = model.training
     model.eval().to(device)
-    logits, targets, attention, truth = [], [], [], []
+    logits, targets, attention, truth, descriptors = [], [], [], [], []
     for batch in loader:
+        descriptors.append(slide_descriptors(batch.features, batch.mask).numpy())
         moved = replace(
             batch,
             features=batch.features.to(device),
@@ -110,14 +127,21 @@ def predict_bags(model: nn.Module, loader: DataLoader, device: torch.device) -> 
         output = ContinualModule.run_model(model, moved)
         logits.append(model_logits(output).float().cpu().numpy())
         targets.append(batch.targets.numpy())
-        weights = output.attention.float()
-        weights = weights.mean(dim=-1) if weights.dim() == 3 else weights
+        weights = own_task_attention(
+            output.attention.float(), torch.full((len(batch),), task, device=device)
+        )
         for b, path in enumerate(batch.feature_paths):
             real = batch.mask[b].numpy()
             attention.append(weights[b].cpu().numpy()[real])
             truth.append(read_tile_labels(path, int(real.sum())))
     model.train(was_training)
-    return BagPredictions(np.concatenate(logits), np.concatenate(targets), attention, truth)
+    return BagPredictions(
+        np.concatenate(logits),
+        np.concatenate(targets),
+        attention,
+        truth,
+        np.concatenate(descriptors),
+    )
 
 
 def tile_scores(
@@ -180,6 +204,8 @@ def task_metrics(
     classes: np.ndarray,
     negative: np.ndarray,
     threshold: float | None,
+    task_of_class: np.ndarray,
+    prototypes: TaskPrototypes | None,
 ) -> dict[str, float | int | None]:
     """Bag and tile metrics of one task's test part (module docstring).
 
@@ -188,12 +214,24 @@ def task_metrics(
         classes: ``(C_j,)`` the task's global class indices.
         negative: ``(C,)`` bool over global classes.
         threshold: Tile-score threshold from validation, or None (no Dice).
+        task_of_class: ``(C,)`` task index of each of the logits' columns.
+        prototypes: The seen tasks' prototypes, or None (class-incremental = argmax of the
+            concatenated logits).
 
     Returns:
-        ``accuracy``, ``task_accuracy``, ``task_auroc``, ``tile_auroc``, ``tile_dice`` (None
-        where undefined) and ``n_test``.
+        ``accuracy``, ``head_accuracy``, ``task_id_accuracy``, ``task_accuracy``,
+        ``task_auroc``, ``tile_auroc``, ``tile_dice`` (None where undefined) and ``n_test``.
     """
     targets = predictions.targets
+    seen = sorted(int(t) for t in np.unique(task_of_class))
+    task_id_accuracy = log_posterior = None
+    if prototypes is not None:
+        log_posterior = prototypes.log_posterior(predictions.descriptors, seen)
+        true_task = task_of_class[targets]
+        task_id_accuracy = float(
+            (np.asarray(seen)[log_posterior.argmax(axis=1)] == true_task).mean()
+        )
+    log_probs = class_incremental_log_probs(predictions.logits, task_of_class, log_posterior)
     local = predictions.logits[:, classes]
     local_targets = torch.from_numpy(targets - classes[0])
     probabilities = torch.from_numpy(local).softmax(dim=-1)
@@ -213,7 +251,9 @@ def task_metrics(
         if threshold is not None:
             tile_dice = dice(scores, truth, threshold)
     return {
-        "accuracy": float((predictions.logits.argmax(axis=1) == targets).mean()),
+        "accuracy": float((log_probs.argmax(axis=1) == targets).mean()),
+        "head_accuracy": float((predictions.logits.argmax(axis=1) == targets).mean()),
+        "task_id_accuracy": task_id_accuracy,
         "task_accuracy": float((classes[local.argmax(axis=1)] == targets).mean()),
         "task_auroc": task_auroc,
         "tile_auroc": tile_auroc,
@@ -228,6 +268,7 @@ def evaluate_stage(
     device: torch.device,
     previous_thresholds: dict[str, float | None],
     reference_logits: dict[str, np.ndarray],
+    prototypes: TaskPrototypes | None,
 ) -> tuple[dict[str, float | None], dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """Choose the new tasks' tile thresholds on validation, then test every task seen so far.
 
@@ -249,7 +290,7 @@ def evaluate_stage(
     def predict(task: int, part: str) -> BagPredictions:
         items = sequence.items(task, part)
         loader = sequence.loader(items, batch_size=data.batch_size, num_workers=data.num_workers)
-        return predict_bags(model, loader, device)
+        return predict_bags(model, loader, device, task)
 
     thresholds = dict(previous_thresholds)
     for task in context.tasks:
@@ -261,7 +302,14 @@ def evaluate_stage(
         name, classes = sequence.tasks[t].name, sequence.tasks[t].classes
         predictions = predict(t, "test")
         logits[name] = predictions.logits[:, classes]
-        metrics[name] = task_metrics(predictions, classes, sequence.negative, thresholds.get(name))
+        metrics[name] = task_metrics(
+            predictions,
+            classes,
+            sequence.negative,
+            thresholds.get(name),
+            sequence.task_of_class[: predictions.logits.shape[1]],
+            prototypes,
+        )
         metrics[name]["logit_drift"] = (
             0.0 if t in context.tasks else logit_drift(logits[name], reference_logits.get(name))
         )

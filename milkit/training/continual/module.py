@@ -23,6 +23,23 @@ from milkit.training.continual.strategies import Strategy
 from milkit.training.module import batch_targets, model_logits
 
 
+def own_task_attention(attention: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+    """Each bag's attention under its own task.
+
+    Args:
+        attention: ``(B, N)`` shared attention, or ``(B, N, T)`` one map per task (GDAT's
+            ``attention_per_task``).
+        tasks: ``(B,)`` task index of each bag.
+
+    Returns:
+        ``(B, N)``.
+    """
+    if attention.dim() == 2:
+        return attention
+    index = tasks.view(-1, 1, 1).expand(-1, attention.shape[1], 1)
+    return attention.gather(2, index).squeeze(2)
+
+
 class ContinualModule(pl.LightningModule):
     """Trains a multi-head MIL model on one stage of a task sequence."""
 
@@ -111,7 +128,7 @@ class ContinualModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=size)
         if self.bppl is not None:
             instance = self.bppl.loss(
-                output.attention,
+                own_task_attention(output.attention, self.task_of_class[targets]),
                 batch.features.float(),
                 batch.mask,
                 self.task_logits(model_logits(output), targets),

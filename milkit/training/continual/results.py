@@ -14,12 +14,16 @@ Rerunning with the same ``--out`` and configuration continues after the last fin
 
 ``results.json``: ``strategy``, ``seed``, ``tasks``, ``stages`` (task names per stage),
 ``class_names``, ``finished``, ``config``; matrices ``R[t][j]`` (after stage t, on task j; null
-for tasks not seen yet) ``accuracy_matrix`` (class-incremental), ``task_accuracy_matrix``,
+for tasks not seen yet) ``accuracy_matrix`` (class-incremental), ``head_accuracy_matrix``
+(argmax of the concatenated heads, no task prior), ``task_id_accuracy_matrix`` (task prototypes
+name the task), ``task_accuracy_matrix``,
 ``task_auroc_matrix``, ``tile_auroc_matrix``, ``tile_dice_matrix``, ``logit_drift_matrix``
 (``‖L − L₀‖ / ‖L₀‖`` of the task head's test logits against those right after the task was
 learnt); summaries ``average_accuracy``, ``bwt``, ``task_average_accuracy``, ``task_bwt`` (BWT
 null for ``joint``: one stage has nothing to forget), ``tile_auroc``/``tile_dice`` (per task,
-last stage), ``average_tile_auroc``, ``average_tile_dice``, ``logit_drift`` (mean over the
+last stage), ``average_tile_auroc``, ``average_tile_dice``, ``earlier_tile_auroc`` (tile
+AUROC at the end, mean over the tasks learnt before the last stage), ``head_average_accuracy``,
+``task_id_accuracy`` (last-row means), ``logit_drift`` (mean over the
 tasks learnt before the last stage; 0 when their outputs did not move), ``tile_thresholds``
 (per task, chosen on validation) and ``stage_info`` (epochs, seconds, slide counts per stage).
 """
@@ -47,7 +51,16 @@ PLOT_PNG = "accuracy_matrix.png"
 CONFIG_YAML = "config.yaml"
 STAGE_RESULT = "result.json"
 STAGE_MODEL = "model.pt"
-METRICS = ("accuracy", "task_accuracy", "task_auroc", "tile_auroc", "tile_dice", "logit_drift")
+METRICS = (
+    "accuracy",
+    "head_accuracy",
+    "task_id_accuracy",
+    "task_accuracy",
+    "task_auroc",
+    "tile_auroc",
+    "tile_dice",
+    "logit_drift",
+)
 
 
 def finished_stages(out: Path, contexts: list[StageContext], dumped: dict[str, Any]) -> int:
@@ -172,6 +185,10 @@ def summarize_run(
     tile_dice = matrices["tile_dice"][-1]
     # Tasks learnt before the last stage; logit drift 0 means their outputs did not move.
     earlier = [name for result in results[:-1] for name in result["tasks"]]
+
+    def last_row_mean(metric: str, tasks: list[str]) -> float | None:
+        return _mean([matrices[metric][-1][names.index(name)] for name in tasks])
+
     return {
         "milkit_version": milkit.__version__,
         "strategy": config.strategy,
@@ -181,6 +198,8 @@ def summarize_run(
         "class_names": sequence.class_names,
         "finished": len(results) == len(stages),
         "accuracy_matrix": matrices["accuracy"],
+        "head_accuracy_matrix": matrices["head_accuracy"],
+        "task_id_accuracy_matrix": matrices["task_id_accuracy"],
         "task_accuracy_matrix": matrices["task_accuracy"],
         "task_auroc_matrix": matrices["task_auroc"],
         "tile_auroc_matrix": matrices["tile_auroc"],
@@ -194,9 +213,10 @@ def summarize_run(
         "tile_dice": tile_dice,
         "average_tile_auroc": _mean(tile_auroc),
         "average_tile_dice": _mean(tile_dice),
-        "logit_drift": _mean([matrices["logit_drift"][-1][names.index(name)] for name in earlier])
-        if earlier
-        else None,
+        "earlier_tile_auroc": last_row_mean("tile_auroc", earlier),
+        "head_average_accuracy": _mean(matrices["head_accuracy"][-1]),
+        "task_id_accuracy": _mean(matrices["task_id_accuracy"][-1]),
+        "logit_drift": last_row_mean("logit_drift", earlier),
         "tile_thresholds": results[-1]["tile_thresholds"],
         "stage_info": [
             {key: result[key] for key in ("tasks", "epochs", "n_train", "n_val", "seconds")}

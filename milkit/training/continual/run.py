@@ -74,6 +74,7 @@ from milkit.training.continual.strategies import (
     StageContext,
     Strategy,
 )
+from milkit.training.continual.task_prior import TaskPrototypes, loader_descriptors
 from milkit.training.continual.tasks import ContinualData, Item, load_task_sequence
 from milkit.training.quiet import filter_noise, quiet_lightning
 
@@ -103,6 +104,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--monitor", default="val/loss", help="early stopping metric")
     parser.add_argument("--monitor_mode", type=Literal["min", "max"], default="min")
     parser.add_argument("--patience", type=int, default=10, help="epochs without progress")
+    parser.add_argument(
+        "--task_prior",
+        type=Literal["prototypes", "none"],
+        default="prototypes",
+        help="class-incremental prediction: weigh each task's head by p(task | slide) from "
+        "per-task prototypes of the input features (prototypes), or take the argmax of all "
+        "heads' logits (none)",
+    )
     parser.add_class_arguments(ContinualData, "data")
     parser.add_subclass_arguments(
         nn.Module,
@@ -239,6 +248,7 @@ def run_continual(parser: ArgumentParser, config: Namespace) -> dict[str, Any]:
     model = build_model(
         config.model, sequence.feature_dim, [sequence.tasks[t].n_classes for t in stages[0]]
     )
+    prototypes = TaskPrototypes() if config.task_prior == "prototypes" else None
     results: list[dict[str, Any]] = []
     for context in contexts[:done]:
         strategy.grow(model, context)
@@ -247,10 +257,14 @@ def run_continual(parser: ArgumentParser, config: Namespace) -> dict[str, Any]:
         state = torch.load(stage_dir(out, contexts[done - 1]) / STAGE_MODEL, weights_only=True)
         model.load_state_dict(state["model"])
         strategy.load_state_dict(state["strategy"])
+        if prototypes is not None:
+            prototypes.load_state_dict(state["task_prototypes"])
         print(f"continual: resuming {out} after stage {done - 1} of {len(stages)}")
     summary = write_report(out, results, sequence, stages, config, dumped) if done else {}
     for context in contexts[done:]:
-        results.append(_train_stage(model, strategy, context, config, init, out, results))
+        results.append(
+            _train_stage(model, strategy, prototypes, context, config, init, out, results)
+        )
         print(stage_line(results[-1]))
         summary = write_report(out, results, sequence, stages, config, dumped)
     return summary
@@ -259,6 +273,7 @@ def run_continual(parser: ArgumentParser, config: Namespace) -> dict[str, Any]:
 def _train_stage(
     model: nn.Module,
     strategy: Strategy,
+    prototypes: TaskPrototypes | None,
     context: StageContext,
     config: Namespace,
     init: Namespace,
@@ -269,6 +284,7 @@ def _train_stage(
 
     ``previous`` are the earlier stages' results: their tile thresholds and, as the reference
     of the logit drift, each task's own-head test logits right after it was learnt.
+    ``prototypes`` (None: no task prior) get the stage's tasks' prototypes.
     """
     start = time.perf_counter()
     folder = stage_dir(out, context)
@@ -293,6 +309,14 @@ def _train_stage(
     val_items = [item for task in context.tasks for item in sequence.items(task, "val")]
     trainer, best_score = _fit(module, context, config, folder, train_items, val_items)
     strategy.finish(module, context)
+    if prototypes is not None:
+        for task in context.tasks:
+            loader = sequence.loader(
+                sequence.items(task, "train"),
+                batch_size=context.data.batch_size,
+                num_workers=context.data.num_workers,
+            )
+            prototypes.add(task, loader_descriptors(loader))
     device = trainer.strategy.root_device
     thresholds, metrics, logits = evaluate_stage(
         model,
@@ -304,11 +328,13 @@ def _train_stage(
             for result in previous
             for name, logits in result.get("task_logits", {}).items()
         },
+        prototypes=prototypes,
     )
     model.cpu()
-    save_torch(
-        folder / STAGE_MODEL, {"model": model.state_dict(), "strategy": strategy.state_dict()}
-    )
+    state = {"model": model.state_dict(), "strategy": strategy.state_dict()}
+    if prototypes is not None:
+        state["task_prototypes"] = prototypes.state_dict()
+    save_torch(folder / STAGE_MODEL, state)
     result_tasks = [sequence.tasks[t].name for t in context.tasks]
     result = {
         "stage": context.stage,

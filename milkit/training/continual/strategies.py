@@ -8,7 +8,8 @@ stage adds a linear head per new task (class-incremental evaluation concatenates
   cross-entropy); nothing protects earlier tasks.
 - ``lora``: the first task trains the whole model; each later task adds a LoRA adapter to the
   adapted Linear layers (:mod:`milkit.models.lora_model`) and trains only the newest adapters and
-  the new head. Everything else is frozen, LayerNorms and earlier heads included.
+  the new task's own modules (its head, and its attention score with GDAT's
+  ``attention_per_task``). Everything else is frozen, LayerNorms and earlier heads included.
 - ``owlora`` (CoMEL, docs/papers.md D.3): ``lora`` plus the orthogonality penalty λ and the
   projection of the new adapters' gradients (after ``backward``) and weights (after the
   optimiser step, so Adam cannot leak) off the earlier adapters' and W0's principal subspaces;
@@ -224,7 +225,7 @@ class LoRA(Strategy):
         super().grow(model, context)
 
     def start(self, model: nn.Module, context: StageContext) -> None:
-        """Everything trains in the first stage; later, only the newest adapters and heads."""
+        """Everything trains in the first stage; later, only the newest adapters and task modules."""
         self.stage = context.stage
         if context.stage == 0:
             model.requires_grad_(True)
@@ -233,8 +234,9 @@ class LoRA(Strategy):
         for layer in lora_layers(model):
             for parameters in (layer.lora_A, layer.lora_B, layer.lora_scale):
                 parameters[-1].requires_grad_(True)
-        for head in cast(MultiTaskMILModel, model).heads[-len(context.tasks) :]:
-            head.requires_grad_(True)
+        for task in context.tasks:
+            for module in cast(MultiTaskMILModel, model).task_modules(task):
+                module.requires_grad_(True)
 
 
 class OWLoRA(LoRA):

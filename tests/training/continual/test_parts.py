@@ -34,6 +34,7 @@ from milkit.training.continual.metrics import (
 from milkit.training.continual.module import ContinualModule
 from milkit.training.continual.run import make_strategy
 from milkit.training.continual.strategies import LoRAOptions, StageContext, Strategy
+from milkit.training.continual.task_prior import TaskPrototypes
 from milkit.training.continual.tasks import ContinualData, TaskSequence, load_task_sequence
 
 
@@ -85,6 +86,19 @@ def test_lora_trains_only_the_newest_adapters_and_heads(sequence: TaskSequence) 
         if name.startswith("heads.1.") or name.rsplit(".", 1)[-1] == "0" and "lora_" in name
     }
     assert not any("norm" in name for name in trainable)  # LayerNorms stay frozen
+
+
+def test_lora_trains_the_new_tasks_attention_score_when_it_has_one(sequence: TaskSequence) -> None:
+    torch.manual_seed(0)
+    model = GDATMIL(8, [2], embed_dim=16, n_blocks=1, n_heads=2, n_groups=4, attention_dim=8,
+                    attention_per_task=True)  # fmt: skip
+    strategy = make_strategy("lora", lora=LoRAOptions(rank=2))
+    for stage in (0, 1):
+        strategy.grow(model, context(sequence, stage))
+        strategy.start(model, context(sequence, stage))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {"task_scores.0.weight", "heads.1.weight"} <= trainable
+    assert not any(name.startswith(("pooling.score", "heads.0")) for name in trainable)
 
 
 def test_owlora_penalises_and_projects_only_after_the_first_task(sequence: TaskSequence) -> None:
@@ -204,18 +218,47 @@ def test_tile_scores_are_gated_by_the_positive_probability() -> None:
         targets=np.array([0, 1]),
         attention=[np.array([0.7, 0.2, 0.1]), np.array([0.1, 0.8, 0.1])],
         tile_truth=[np.zeros(3, np.uint8), np.array([0, 1, 0], np.uint8)],
+        descriptors=np.zeros((2, 4)),
     )
     negative = np.array([True, False])
+    one_task = np.array([0, 0])
     scores = tile_scores(predictions, np.array([0, 1]), negative)
     assert scores[0].max() < 0.01  # a hot spot on a negative slide is suppressed
     assert scores[1].argmax() == 1 and scores[1].max() > 0.99
-    metrics = task_metrics(predictions, np.array([0, 1]), negative, threshold=0.5)
+    metrics = task_metrics(predictions, np.array([0, 1]), negative, 0.5, one_task, None)
     assert metrics["accuracy"] == metrics["task_accuracy"] == 1.0
+    assert metrics["task_id_accuracy"] is None
     assert metrics["tile_auroc"] == 1.0 and metrics["tile_dice"] == 1.0
     no_truth = BagPredictions(
-        predictions.logits, predictions.targets, predictions.attention, [None, None]
+        predictions.logits,
+        predictions.targets,
+        predictions.attention,
+        [None, None],
+        np.zeros((2, 4)),
     )
-    assert task_metrics(no_truth, np.array([0, 1]), negative, 0.5)["tile_auroc"] is None
+    assert (
+        task_metrics(no_truth, np.array([0, 1]), negative, 0.5, one_task, None)["tile_auroc"]
+        is None
+    )
+
+
+def test_the_task_prior_lets_the_right_head_answer() -> None:
+    # Task 0's slides; the task-1 head's logits are larger on both (uncalibrated heads).
+    logits = np.array([[1.0, -1.0, 6.0, 5.0], [-1.0, 1.0, 5.0, 6.0]])
+    descriptors = np.array([[0.1, 0.0], [-0.1, 0.1]])
+    predictions = BagPredictions(logits, np.array([0, 1]), [np.ones(1)] * 2, [None] * 2,
+                                 descriptors)  # fmt: skip
+    prototypes = TaskPrototypes()
+    prototypes.add(0, np.array([[0.0, 0.2], [0.1, -0.2], [-0.1, 0.0]]))
+    prototypes.add(1, np.array([[4.0, 4.2], [4.1, 3.8], [3.9, 4.0]]))
+    task_of_class, negative = np.array([0, 0, 1, 1]), np.array([1, 0, 1, 0], bool)
+    with_prior = task_metrics(predictions, np.array([0, 1]), negative, None, task_of_class,
+                              prototypes)  # fmt: skip
+    assert with_prior["head_accuracy"] == 0.0  # the argmax of all heads picks task 1's classes
+    assert with_prior["accuracy"] == with_prior["task_id_accuracy"] == 1.0
+    plain = task_metrics(predictions, np.array([0, 1]), negative, None, task_of_class, None)
+    assert plain["accuracy"] == plain["head_accuracy"] == 0.0
+    assert plain["task_accuracy"] == with_prior["task_accuracy"] == 1.0
 
 
 def test_tile_labels_must_match_the_tiles(tmp_path: Path) -> None:
