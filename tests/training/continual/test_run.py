@@ -66,7 +66,8 @@ def test_cli_writes_results_plot_and_checkpoints(
     assert results["class_names"] == [
         "t0/t0_negative", "t0/t0_positive", "t1/t1_negative", "t1/t1_positive"
     ]  # fmt: skip
-    for key in ("accuracy_matrix", "task_accuracy_matrix", "tile_auroc_matrix", "tile_dice_matrix"):
+    for key in ("accuracy_matrix", "head_accuracy_matrix", "task_id_accuracy_matrix",
+                "task_accuracy_matrix", "tile_auroc_matrix", "tile_dice_matrix"):  # fmt: skip
         matrix = results[key]
         assert len(matrix) == 2 and matrix[0][1] is None, key  # task 1 unseen after stage 0
         values = [matrix[0][0], *matrix[1]]
@@ -87,14 +88,19 @@ def test_cli_writes_results_plot_and_checkpoints(
             "result.json",
             "metrics.csv",
         }
-    state = torch.load(out / "stage1_t1" / "model.pt", weights_only=True)["model"]
+    saved = torch.load(out / "stage1_t1" / "model.pt", weights_only=True)
+    assert saved["task_prototypes"]["tasks"] == [0, 1]
+    assert saved["task_prototypes"]["means"].shape == (2, 8)
+    state = saved["model"]
     assert state["heads.1.weight"].shape[0] == 2
-    # The task-1 adapter was trained with Adam and still reads nothing of W0's protected inputs.
-    embed = LoRALinear(nn.Linear(8, 32), rank=4, energy=0.99)
+    # The task-1 adapter was trained with Adam and still reads nothing of the inputs the layer
+    # saw on task 0 (the config's protection).
+    embed = LoRALinear(nn.Linear(8, 32), rank=4, protect_base=False, protect_features=True)
     embed.add_adapter()
-    embed.load_state_dict(
-        {k.removeprefix("embed.0."): v for k, v in state.items() if k.startswith("embed.0.")}
-    )
+    layer = {k.removeprefix("embed.0."): v for k, v in state.items() if k.startswith("embed.0.")}
+    # What it saw on task 0 (the basis saved after stage 1 also holds task 1's inputs).
+    stage0 = torch.load(out / "stage0_t0" / "model.pt", weights_only=True)["model"]
+    embed.load_state_dict({**layer, "feature_basis": stage0["embed.0.feature_basis"]})
     basis_in, _ = embed.protected_subspaces()
     assert basis_in.shape[1] > 0 and embed.lora_A[0].abs().max() > 0
     assert (embed.lora_A[0] @ basis_in).abs().max() < 1e-5
@@ -249,7 +255,8 @@ def test_owlora_feature_protection_keeps_the_first_tasks_outputs(
     for protect in ("true", "false"):
         out = tmp_path / protect
         extra = ("--trainer.max_epochs", "15", "--patience", "15", "--optimizer.init_args.lr",
-                 "0.01", "--lora.protect_features", protect, "--lora.feature_energy", "0.9999")  # fmt: skip
+                 "0.01", "--lora.protect_base", "true", "--lora.protect_features", protect,
+                 "--lora.feature_energy", "0.9999")  # fmt: skip
         assert main(cli(tasks, out, *extra)) == 0
         results = json.loads((out / "results.json").read_text())
         matrix = results["logit_drift_matrix"]

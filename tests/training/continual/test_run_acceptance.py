@@ -1,10 +1,12 @@
 """Acceptance of the continual strategies and BPPL on synthetic feature tasks (slow: minutes).
 
-Four tasks, each with its own background shift and witness direction (tile truth known):
-fine-tuning forgets, OWLoRA forgets least, joint training is the upper bound; at a low witness
-rate BPPL sharpens localisation (tile AUROC). Orderings were checked for seeds 0-2 while
-developing; the tests run seed 0 (strategies) and five seeds (BPPL, compared on the mean:
-BPPL only acts on bags classified with confidence > 0.95, which some seeds never reach).
+Four tasks, each with its own background shift and witness direction (tile truth known), the
+sequence of ``pipelines/continual_compare.py --feature-tasks 4``: with the shipped small config
+OWLoRA beats fine-tuning and LoRA in class-incremental accuracy and forgets least, the heads'
+argmax alone (no task prior) cannot tell the tasks apart, joint training is the upper bound;
+at a low witness rate BPPL sharpens localisation (tile AUROC). Seeds 0-2 are in the README's
+table; the tests run seed 0 (strategies) and five seeds (BPPL, compared on the mean: BPPL only
+acts on bags classified with confidence > 0.95, which some seeds never reach).
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ def strategy_results(root: Path, seed: int) -> dict[str, dict[str, Any]]:
         shift=4.0,
         seed=seed,
     )
-    results = {name: run(tasks, root / name, name, seed, "--lora.rank", "4") for name in STRATEGIES}
-    results["owlora_features"] = run(
-        tasks, root / "owlora_features", "owlora", seed, "--lora.rank", "4",
-        "--lora.protect_features", "true", "--lora.feature_energy", "0.99",
+    results = {name: run(tasks, root / name, name, seed) for name in STRATEGIES}
+    results["owlora_paper"] = run(
+        tasks, root / "owlora_paper", "owlora", seed,
+        "--lora.protect_base", "true", "--lora.protect_features", "false",
     )  # fmt: skip
     return results
 
@@ -77,25 +79,40 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     return strategy_results(tmp_path_factory.mktemp("strategies"), seed=0)
 
 
-def test_finetune_forgets_and_owlora_forgets_least(results: dict[str, dict[str, Any]]) -> None:
+def test_owlora_learns_every_task_and_forgets_least(results: dict[str, dict[str, Any]]) -> None:
     finetune, lora, owlora = results["finetune"], results["lora"], results["owlora"]
-    # Class-incremental (the accuracy matrix): the new heads take over the old tasks' slides.
-    assert finetune["bwt"] < -0.3
-    assert abs(owlora["bwt"]) < abs(finetune["bwt"])
-    assert abs(owlora["bwt"]) < abs(lora["bwt"])
-    # Task-incremental: plain LoRA's adapters overwrite what earlier tasks read; OWLoRA's
-    # projections keep the old heads' inputs nearly unchanged. (Fine-tuning's task-incremental
-    # forgetting varies from ~0 to -0.26 with the seed, so it is not compared here.)
-    assert lora["task_bwt"] < 0
+    # Measured at seed 0: 0.865, 0.812, 0.792; BWT -0.014, -0.181, -0.208.
+    assert owlora["average_accuracy"] > finetune["average_accuracy"]
+    assert owlora["average_accuracy"] > lora["average_accuracy"]
+    assert abs(owlora["bwt"]) <= 0.05 < abs(finetune["bwt"])
     assert abs(owlora["task_bwt"]) < abs(lora["task_bwt"])
-    assert abs(owlora["task_bwt"]) <= 0.05
 
 
-def test_feature_protection_keeps_earlier_tasks_outputs(results: dict[str, dict[str, Any]]) -> None:
-    owlora, kept = results["owlora"], results["owlora_features"]
-    # The heads of earlier tasks answer their test slides as right after they were learnt.
-    assert kept["logit_drift"] < 0.05 and kept["logit_drift"] < 0.5 * owlora["logit_drift"]
-    assert abs(kept["task_bwt"]) <= 0.02
+def test_the_task_prior_not_the_heads_recognises_the_task(
+    results: dict[str, dict[str, Any]],
+) -> None:
+    # Heads trained one task at a time are not comparable: their argmax mostly picks the wrong
+    # task (0.22 / 0.44 at seed 0) while the prototypes name every test slide's task.
+    for name in ("finetune", "owlora"):
+        result = results[name]
+        assert result["task_id_accuracy"] >= 0.95, name
+        assert result["head_average_accuracy"] < result["average_accuracy"] - 0.3, name
+
+
+def test_protecting_what_layers_saw_leaves_later_tasks_room(
+    results: dict[str, dict[str, Any]],
+) -> None:
+    def learnt(result: dict[str, Any]) -> float:
+        """Mean accuracy of the later tasks right after learning them."""
+        matrix = result["task_accuracy_matrix"]
+        return float(np.mean([matrix[t][t] for t in range(1, len(matrix))]))
+
+    owlora, paper = results["owlora"], results["owlora_paper"]
+    # The paper's protection of W0's principal subspace leaves 0-3 free input directions per
+    # layer here: later tasks barely learn (their outputs barely move, either).
+    assert learnt(owlora) > learnt(paper)  # 0.861 vs 0.792 at seed 0
+    assert owlora["average_accuracy"] > paper["average_accuracy"]
+    assert abs(paper["bwt"]) <= 0.05
 
 
 def test_joint_training_is_the_upper_bound(results: dict[str, dict[str, Any]]) -> None:
