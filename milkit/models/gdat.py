@@ -43,12 +43,10 @@ from milkit.models.contract import MILModelBase
 from milkit.models.output import MILOutput
 from milkit.models.pooling import (
     GatedAttentionPooling,
-    attention_pool,
     check_bags,
     check_dropout,
     check_positive,
     instance_mlp,
-    masked_softmax,
 )
 
 Grouping = Literal["spatial", "order"]
@@ -224,22 +222,28 @@ class GDATMIL(MILModelBase):
     (for :func:`milkit.models.lora_model.apply_lora`): the embedding, qkv, output projection, MLP
     layers and the first layer of the attention pooling (its tanh and gate branches), not the heads.
 
-    With ``attention_per_task`` each task also gets its own attention score vector ``w_t`` (the
-    pooling's last layer, ``attention_dim`` weights), so a task learnt later can attend to its
-    own witness tiles while the shared layers stay protected; ``task=None`` then pools once per
-    task and returns ``attention (B, N, T)``.
+    With ``attention_per_task`` each task gets its own gated attention pooling (task 0 the
+    model's ``pooling``, later tasks ``task_poolings``), trained with its head, so a task learnt
+    after the shared layers are protected can attend to its own tiles; ``task=None`` then pools
+    once per task and returns ``attention (B, N, T)``. The poolings are then not LoRA targets:
+    each serves one task only.
     """
 
     supports_tasks: ClassVar[bool] = True
-    lora_targets: ClassVar[tuple[str, ...]] = (
+    _shared_lora_targets: ClassVar[tuple[str, ...]] = (
         "embed.0",
         "blocks.*.attn.qkv",
         "blocks.*.attn.proj",
         "blocks.*.mlp.fc1",
         "blocks.*.mlp.fc2",
-        "pooling.tanh_proj",
-        "pooling.gate_proj",
     )
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The Linear layers OWLoRA adapts (``fnmatch`` patterns; class docstring)."""
+        if self.attention_per_task:
+            return self._shared_lora_targets
+        return (*self._shared_lora_targets, "pooling.tanh_proj", "pooling.gate_proj")
 
     def __init__(
         self,
@@ -271,8 +275,8 @@ class GDATMIL(MILModelBase):
             attention_dim: Hidden size of the gated attention pooling.
             dropout: Dropout after the embedding and in the attention pooling.
             block_dropout: Dropout inside the GDAT blocks.
-            attention_per_task: Give every task its own attention score vector (class
-                docstring); False shares the pooling's (CoMEL).
+            attention_per_task: Give every task its own attention pooling (class docstring);
+                False shares one (CoMEL).
 
         Raises:
             ConfigError: If a size is not positive, ``embed_dim`` is not divisible by
@@ -318,8 +322,8 @@ class GDATMIL(MILModelBase):
         self.norm = nn.LayerNorm(embed_dim)
         self.pooling = GatedAttentionPooling(embed_dim, attention_dim, dropout=dropout)
         self.attention_per_task = attention_per_task
-        # Task t > 0's score vectors (task 0 uses the pooling's own), when attention_per_task.
-        self.task_scores = nn.ModuleList()
+        # The poolings of tasks 1, 2, ... when attention_per_task (task 0 uses `pooling`).
+        self.task_poolings = nn.ModuleList()
         self.heads = nn.ModuleList()
         for n_classes in tasks:
             self.add_task(n_classes)
@@ -345,20 +349,18 @@ class GDATMIL(MILModelBase):
         reference = self.norm.weight
         head = nn.Linear(self.embed_dim, n_classes, device=reference.device, dtype=reference.dtype)
         if self.attention_per_task and self.heads:
-            self.task_scores.append(
-                nn.Linear(
-                    self.pooling.score.in_features,
-                    1,
-                    device=reference.device,
-                    dtype=reference.dtype,
-                )
+            pooling = self.pooling
+            self.task_poolings.append(
+                GatedAttentionPooling(
+                    self.embed_dim, pooling.score.in_features, dropout=pooling.dropout.p
+                ).to(device=reference.device, dtype=reference.dtype)
             )
         self.heads.append(head)
         self.n_classes_per_task.append(n_classes)
         return len(self.heads) - 1
 
     def task_modules(self, task: int) -> list[nn.Module]:
-        """The modules that serve one task only: its head, and its attention score if per task.
+        """The modules that serve one task only: its head, and its pooling if per task.
 
         Args:
             task: Task index.
@@ -368,26 +370,23 @@ class GDATMIL(MILModelBase):
         """
         if not self.attention_per_task:
             return [self.heads[task]]
-        return [self.heads[task], self._score_layer(task)]
+        return [self.heads[task], self._pooling(task)]
 
-    def _score_layer(self, task: int) -> nn.Module:
-        return self.pooling.score if task == 0 else self.task_scores[task - 1]
+    def _pooling(self, task: int) -> nn.Module:
+        return self.pooling if task == 0 else self.task_poolings[task - 1]
 
     def _pool_per_task(
         self, tokens: torch.Tensor, mask: torch.Tensor, tasks: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pool once per task with its own score vector.
+        """Pool once per task with its own pooling and apply its head.
 
         Returns:
             Logits ``(B, C)`` of the tasks' heads, attention ``(B, N)`` for one task or
             ``(B, N, T)``, embedding ``(B, E)`` for one task or ``(B, T, E)``.
         """
-        hidden = self.pooling.dropout(self.pooling.hidden(tokens))
         logits, attentions, embeddings = [], [], []
         for task in tasks:
-            scores = self._score_layer(task)(hidden).squeeze(-1)
-            attention = masked_softmax(scores, mask)
-            embedding = attention_pool(tokens, attention, mask)
+            embedding, attention = self._pooling(task)(tokens, mask)
             logits.append(self.heads[task](embedding))
             attentions.append(attention)
             embeddings.append(embedding)

@@ -193,7 +193,7 @@ def test_learns_a_simple_mil_task() -> None:
     assert (predicted == target[held_out]).float().mean() >= 0.85
 
 
-def test_attention_per_task_pools_once_per_task_with_its_own_scores() -> None:
+def test_attention_per_task_pools_once_per_task_with_its_own_pooling() -> None:
     torch.manual_seed(0)
     model = GDATMIL(DIM, [2], embed_dim=16, n_heads=2, n_groups=16, attention_dim=8,
                     dropout=0.0, block_dropout=0.0, attention_per_task=True).eval()  # fmt: skip
@@ -209,8 +209,10 @@ def test_attention_per_task_pools_once_per_task_with_its_own_scores() -> None:
         assert torch.allclose(everything.embedding[:, t], out.embedding, atol=1e-5)
     assert torch.allclose(everything.logits, torch.cat([o.logits for o in per_task], 1), atol=1e-5)
     assert not torch.allclose(per_task[0].attention, per_task[1].attention)
-    assert model.task_modules(1) == [model.heads[1], model.task_scores[0]]
-    assert model.task_modules(0) == [model.heads[0], model.pooling.score]
+    assert model.task_modules(1) == [model.heads[1], model.task_poolings[0]]
+    assert model.task_modules(0) == [model.heads[0], model.pooling]
+    assert not any(target.startswith("pooling") for target in model.lora_targets)
+    assert "pooling.gate_proj" in make().lora_targets  # shared pooling: adapted (CoMEL)
     for b, (feats, xy) in enumerate(bags):  # padding changes nothing
         alone = model(feats[None], torch.ones(1, len(feats), dtype=torch.bool), xy[None])
         assert torch.allclose(everything.logits[b], alone.logits[0], atol=1e-5)

@@ -8,7 +8,7 @@ stage adds a linear head per new task (class-incremental evaluation concatenates
   cross-entropy); nothing protects earlier tasks.
 - ``lora``: the first task trains the whole model; each later task adds a LoRA adapter to the
   adapted Linear layers (:mod:`milkit.models.lora_model`) and trains only the newest adapters and
-  the new task's own modules (its head, and its attention score with GDAT's
+  the new task's own modules (its head, and its attention pooling with GDAT's
   ``attention_per_task``). Everything else is frozen, LayerNorms and earlier heads included.
 - ``owlora`` (CoMEL, docs/papers.md D.3): ``lora`` plus the orthogonality penalty λ and the
   projection of the new adapters' gradients (after ``backward``) and weights (after the
@@ -56,7 +56,8 @@ class LoRAOptions:
     Args:
         rank: Adapter rank r (CoMEL: 16).
         targets: ``fnmatch`` patterns of the Linear layers to adapt; None for the model's
-            ``lora_targets`` (GDAT: embedding, qkv, projections, MLP, first pooling layer).
+            ``lora_targets`` (GDAT: embedding, qkv, projections, MLP, first layer of a shared
+            pooling).
         penalty: λ of the orthogonality penalty (``owlora`` only; CoMEL: 1).
         protect_adapters: ``owlora``: keep new adapters off earlier adapters' subspaces.
         protect_base: ``owlora``: keep new adapters off W0's principal subspaces.

@@ -88,7 +88,7 @@ def test_lora_trains_only_the_newest_adapters_and_heads(sequence: TaskSequence) 
     assert not any("norm" in name for name in trainable)  # LayerNorms stay frozen
 
 
-def test_lora_trains_the_new_tasks_attention_score_when_it_has_one(sequence: TaskSequence) -> None:
+def test_lora_trains_the_new_tasks_pooling_when_it_has_one(sequence: TaskSequence) -> None:
     torch.manual_seed(0)
     model = GDATMIL(8, [2], embed_dim=16, n_blocks=1, n_heads=2, n_groups=4, attention_dim=8,
                     attention_per_task=True)  # fmt: skip
@@ -97,8 +97,10 @@ def test_lora_trains_the_new_tasks_attention_score_when_it_has_one(sequence: Tas
         strategy.grow(model, context(sequence, stage))
         strategy.start(model, context(sequence, stage))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert {"task_scores.0.weight", "heads.1.weight"} <= trainable
-    assert not any(name.startswith(("pooling.score", "heads.0")) for name in trainable)
+    assert {"task_poolings.0.score.weight", "heads.1.weight"} <= trainable
+    assert not any(name.startswith(("pooling.", "heads.0")) for name in trainable)
+    assert not any(name.startswith("pooling") and "lora_" in name for name, _ in
+                   model.named_parameters())  # fmt: skip
 
 
 def test_owlora_penalises_and_projects_only_after_the_first_task(sequence: TaskSequence) -> None:

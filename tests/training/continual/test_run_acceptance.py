@@ -49,12 +49,7 @@ def strategy_results(root: Path, seed: int) -> dict[str, dict[str, Any]]:
         shift=4.0,
         seed=seed,
     )
-    results = {name: run(tasks, root / name, name, seed) for name in STRATEGIES}
-    results["owlora_paper"] = run(
-        tasks, root / "owlora_paper", "owlora", seed,
-        "--lora.protect_base", "true", "--lora.protect_features", "false",
-    )  # fmt: skip
-    return results
+    return {name: run(tasks, root / name, name, seed) for name in STRATEGIES}
 
 
 def bppl_tile_auroc(root: Path, seed: int) -> tuple[float, float]:
@@ -81,7 +76,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
 
 def test_owlora_learns_every_task_and_forgets_least(results: dict[str, dict[str, Any]]) -> None:
     finetune, lora, owlora = results["finetune"], results["lora"], results["owlora"]
-    # Measured at seed 0: 0.865, 0.812, 0.792; BWT -0.014, -0.181, -0.208.
+    # Measured at seed 0: 0.917, 0.833, 0.740; BWT 0.000, -0.153, -0.306.
     assert owlora["average_accuracy"] > finetune["average_accuracy"]
     assert owlora["average_accuracy"] > lora["average_accuracy"]
     assert abs(owlora["bwt"]) <= 0.05 < abs(finetune["bwt"])
@@ -92,27 +87,11 @@ def test_the_task_prior_not_the_heads_recognises_the_task(
     results: dict[str, dict[str, Any]],
 ) -> None:
     # Heads trained one task at a time are not comparable: their argmax mostly picks the wrong
-    # task (0.22 / 0.44 at seed 0) while the prototypes name every test slide's task.
+    # task (0.31 / 0.46 at seed 0) while the prototypes name every test slide's task.
     for name in ("finetune", "owlora"):
         result = results[name]
         assert result["task_id_accuracy"] >= 0.95, name
         assert result["head_average_accuracy"] < result["average_accuracy"] - 0.3, name
-
-
-def test_protecting_what_layers_saw_leaves_later_tasks_room(
-    results: dict[str, dict[str, Any]],
-) -> None:
-    def learnt(result: dict[str, Any]) -> float:
-        """Mean accuracy of the later tasks right after learning them."""
-        matrix = result["task_accuracy_matrix"]
-        return float(np.mean([matrix[t][t] for t in range(1, len(matrix))]))
-
-    owlora, paper = results["owlora"], results["owlora_paper"]
-    # The paper's protection of W0's principal subspace leaves 0-3 free input directions per
-    # layer here: later tasks barely learn (their outputs barely move, either).
-    assert learnt(owlora) > learnt(paper)  # 0.861 vs 0.792 at seed 0
-    assert owlora["average_accuracy"] > paper["average_accuracy"]
-    assert abs(paper["bwt"]) <= 0.05
 
 
 def test_joint_training_is_the_upper_bound(results: dict[str, dict[str, Any]]) -> None:
