@@ -165,7 +165,9 @@ def run(argv: Sequence[str]) -> int:
     elif len(args.paths) == 3:
         features_dir, labels_csv, out_dir = args.paths
     else:
-        parser.error("give FEATURES_DIR LABELS_CSV OUT_DIR (or --synthetic N OUT_DIR)")
+        parser.error(
+            "give FEATURES_DIR LABELS_CSV OUT_DIR (or --synthetic N OUT_DIR, --feature-tasks N OUT_DIR)"
+        )
     if args.synthetic is not None:
         features_dir, labels_csv = make_synthetic(out_dir, args.synthetic, args.seeds[0])
     # Lightning: imported only once there is work to do

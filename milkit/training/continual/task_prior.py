@@ -69,9 +69,6 @@ class TaskPrototypes:
         self.counts: dict[int, int] = {}
         self._squared_deviations: np.ndarray | None = None
 
-    def __len__(self) -> int:
-        return len(self.means)
-
     def add(self, task: int, descriptors: np.ndarray) -> None:
         """Record a task from its training slides' descriptors.
 
